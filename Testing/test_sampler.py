@@ -22,7 +22,7 @@ def test_respacing_rejects_counts_no_stride_can_give():
     assert len(respaced_timesteps(1000, 1)) == 1
     with pytest.raises(ValueError, match="no stride"):
         respaced_timesteps(1000, 999)
-    with pytest.raises(ValueError, match="1..1000"):
+    with pytest.raises(ValueError, match=r"1\.\.1000"):
         respaced_timesteps(1000, 0)
 
 

@@ -1,0 +1,213 @@
+"""Hide-and-Seek attribution on slices, with the tiny reference network and a classifier built for the test."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hideseek.attribution import (
+    BLASTIC,
+    LYTIC,
+    PRESETS,
+    AttributionSettings,
+    HideAndSeek,
+    candidate_maps,
+    composite,
+    normalized_delta,
+    settings_for,
+    split_components,
+)
+from hideseek.classifier import LatentClassifier
+from hideseek.network import DAEConfig, DiffusionAutoencoder
+from hideseek.sampler import Cancelled, DiffusionConfig
+
+FAST = AttributionSettings(encode_steps=5, decode_steps=5, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_dir):
+    cfg = json.loads((reference_dir / "dae_tiny_golden.json").read_text())["config"]
+    model = DiffusionAutoencoder(DAEConfig.from_dict(cfg)).eval()
+    model.load_state_dict(load_file(reference_dir / "dae_tiny_weights.safetensors"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def slices():
+    """Four 32x32 'vertebrae': a bright rim, textured inside, one with a dark and one with a bright spot."""
+    rng = np.random.default_rng(7)
+    img = np.full((4, 32, 32), 0.1, np.float32)
+    img[:, 6:26, 6:26] = 0.8
+    img[:, 8:24, 8:24] = 0.45 + 0.05 * rng.standard_normal((4, 16, 16))
+    img[1, 12:17, 12:17] = 0.15
+    img[2, 14:19, 10:15] = 0.95
+    body = np.zeros(img.shape, bool)
+    body[:, 7:25, 7:25] = True
+    return img, body
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny, slices):
+    """A classifier calling every test slice malignant (P about 0.9), along a random direction."""
+    with torch.no_grad():
+        z = tiny.encode(torch.from_numpy(slices[0])[:, None]).double().numpy()
+    rng = np.random.default_rng(0)
+    coef = rng.standard_normal(z.shape[1])
+    mean, scale = z.mean(0), z.std(0) + 1e-3
+    s = (z - mean) / scale
+    intercept = float(np.log(9.0) - (s @ coef).min()) + 0.5
+    return LatentClassifier(coef=coef, intercept=intercept, mean=mean, scale=scale)
+
+
+def _run(tiny, classifier, img, body, settings=FAST, **kw):
+    return HideAndSeek(tiny, DiffusionConfig(), classifier, settings).run(img, body, **kw)
+
+
+def test_composite_is_exact():
+    recon, edit = torch.rand(2, 1, 6, 6), torch.rand(2, 1, 6, 6)
+    hide = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
+    hide[0, 0, 1:3, 2:5] = True
+    out = composite(recon, edit, hide)
+    assert torch.equal(out[hide], edit[hide])
+    assert torch.equal(out[~hide], recon[~hide])
+
+
+def test_delta_is_one_for_the_malignant_score_and_zero_for_the_healthy_one():
+    d = normalized_delta(np.array([0.9, 0.1, 0.5]), np.array([0.1] * 3), np.array([0.9] * 3))
+    np.testing.assert_allclose(d, [1.0, 0.0, 0.5], atol=1e-6)
+
+
+def test_candidates_split_by_sign_inside_the_body_above_the_median():
+    recon = np.zeros((8, 8), np.float32)
+    edit = recon.copy()
+    edit[1:3, 1:3] = [[0.1, 0.2], [0.3, 0.4]]  # edit brighter: lytic
+    edit[5:7, 5:7] = -0.5  # edit darker: blastic
+    edit[0, 7] = 1.0  # outside the body
+    body = np.ones((8, 8), bool)
+    body[0, 7] = False
+    lytic, blastic = candidate_maps(recon, edit, body, 0.5)
+    assert lytic.sum() == 2 and lytic[2, 1] and lytic[2, 2]  # strictly above the median 0.25
+    assert not lytic[0, 7]
+    assert blastic.sum() == 0  # all equal: nothing strictly above their median
+    lytic0, blastic0 = candidate_maps(recon, edit, body, 0.0)
+    assert blastic0.sum() == 0 and lytic0.sum() == 3
+
+
+def test_connectivity_decides_whether_diagonal_pixels_join():
+    mask = np.zeros((5, 5), bool)
+    mask[1, 1] = mask[2, 2] = True
+    assert len(split_components(mask, 4)) == 2
+    assert len(split_components(mask, 8)) == 1
+
+
+def test_presets_and_overrides():
+    assert PRESETS["published"].encode_steps == 250 and PRESETS["published"].decode_steps == 100
+    assert PRESETS["published"].harmonize and PRESETS["published"].delta_threshold == 0.5
+    assert settings_for("fast", delta_threshold=0.7).delta_threshold == 0.7
+    with pytest.raises(ValueError, match="unknown preset"):
+        settings_for("slow")
+    with pytest.raises(ValueError, match="unknown attribution settings: colour"):
+        settings_for("fast", colour="red")
+    with pytest.raises(ValueError, match="connectivity"):
+        AttributionSettings(connectivity=6)
+
+
+def test_run_produces_scored_candidates_and_a_consistent_label_map(tiny, classifier, slices):
+    img, body = slices
+    results = _run(tiny, classifier, img, body)
+    assert len(results) == 4
+    total = 0
+    for res in results:
+        assert res.p_malignant > 0.85
+        assert res.p_healthy == pytest.approx(FAST.target_probability, rel=1e-6)
+        assert not (res.candidate_mask & ~body[0]).any()
+        for c in res.candidates:
+            total += 1
+            assert c.kind in (LYTIC, BLASTIC) and c.area_px >= FAST.min_component_px
+            assert np.isfinite(c.delta) and 0.0 <= c.probability <= 1.0
+            assert not (c.mask & ~res.candidate_mask).any()
+        labels = res.label_map()
+        expected = np.zeros_like(labels)
+        for lesion in res.lesions:
+            assert lesion.delta > FAST.delta_threshold
+            expected[lesion.mask] = lesion.kind
+        np.testing.assert_array_equal(labels, expected)
+    assert total > 0
+
+
+def test_same_input_gives_bit_identical_output(tiny, classifier, slices):
+    a = _run(tiny, classifier, *slices)
+    b = _run(tiny, classifier, *slices)
+    for ra, rb in zip(a, b, strict=True):
+        assert np.array_equal(ra.edit, rb.edit)
+        assert [c.delta for c in ra.candidates] == [c.delta for c in rb.candidates]
+
+
+@pytest.mark.parametrize("harmonize", [True, False])
+def test_batched_and_one_by_one_scoring_agree(tiny, classifier, slices, harmonize):
+    settings = AttributionSettings(encode_steps=5, decode_steps=5, harmonize=harmonize, batch_size=64)
+    batched = _run(tiny, classifier, *slices, settings=settings)
+    single = _run(tiny, classifier, *slices, settings=settings.with_overrides(batch_size=1))
+    for rb, rs in zip(batched, single, strict=True):
+        np.testing.assert_allclose([c.delta for c in rb.candidates], [c.delta for c in rs.candidates], atol=1e-4)
+
+
+def test_a_batch_of_slices_equals_the_slices_one_at_a_time(tiny, classifier, slices):
+    """Equal up to float rounding: the CPU kernels differ with the batch size, by ~1e-4 per DDIM step."""
+    img, body = slices
+    together = _run(tiny, classifier, img[:2], body[:2])
+    for i in range(2):
+        (alone,) = _run(tiny, classifier, img[i : i + 1], body[i : i + 1])
+        assert alone.p_malignant == pytest.approx(together[i].p_malignant, abs=1e-4)
+        np.testing.assert_allclose(alone.recon, together[i].recon, atol=3e-3)
+        np.testing.assert_allclose(alone.edit, together[i].edit, atol=3e-3)
+        assert (alone.candidate_mask == together[i].candidate_mask).mean() > 0.97
+
+
+def test_empty_body_gives_no_candidates(tiny, classifier, slices):
+    img, body = slices
+    results = _run(tiny, classifier, img[:2], np.zeros_like(body[:2]))
+    assert all(not r.candidates and not r.candidate_mask.any() for r in results)
+    assert all(not r.label_map().any() for r in results)
+
+
+def test_a_slice_the_classifier_calls_healthy_is_not_edited(tiny, classifier, slices):
+    img, body = slices
+    healthy = LatentClassifier(coef=classifier.coef, intercept=classifier.intercept - 200.0,
+                               mean=classifier.mean, scale=classifier.scale)
+    (res,) = _run(tiny, healthy, img[:1], body[:1])
+    assert res.p_malignant < FAST.target_probability
+    assert np.array_equal(res.edit, res.recon) and not res.candidates
+    (ungated,) = _run(tiny, classifier, img[:1], body[:1])
+    assert ungated.candidates
+    gate = FAST.with_overrides(gate_probability=ungated.p_malignant)
+    (gated,) = _run(tiny, classifier, img[:1], body[:1], settings=gate)
+    assert not gated.candidates and np.array_equal(gated.edit, gated.recon)
+
+
+def test_progress_reaches_the_total_and_cancel_stops(tiny, classifier, slices):
+    img, body = slices
+    seen = []
+    _run(tiny, classifier, img[:2], body[:2], progress=lambda stage, done, total: seen.append((stage, done, total)))
+    stages = [s for s, _, _ in seen]
+    assert stages[0] == "encoding" and "healthy edit" in stages
+    assert seen[-1][1] == seen[-1][2]
+    assert all(d1 <= d2 for (_, d1, _), (_, d2, _) in itertools.pairwise(seen))
+
+    def cancel(stage, done, total):
+        if stage == "reconstructing":
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        _run(tiny, classifier, img[:2], body[:2], progress=cancel)
+
+
+def test_shape_mismatch_is_rejected(tiny, classifier, slices):
+    img, body = slices
+    with pytest.raises(ValueError, match="same"):
+        _run(tiny, classifier, img, body[:2])
