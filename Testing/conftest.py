@@ -30,3 +30,19 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     return _need(SHARED / "data" / "real")
+
+
+@pytest.fixture(scope="session")
+def slicer_core():
+    """3D Slicer's MRML libraries (pip package slicer-core), headless; skip when not installed.
+
+    Reading and writing .seg.nrrd through vtkMRMLSegmentationStorageNode needs no setup, but creating segments
+    (AddEmptySegment, SetBinaryLabelmapToSegment) fails with "Unable to construct empty representation type
+    'Binary labelmap'" until the conversion rules are registered, which the Slicer application does at start.
+    """
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+    return slicer
