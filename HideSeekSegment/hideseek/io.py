@@ -139,7 +139,7 @@ def read_labelmap(path: str | os.PathLike, reference: sitk.Image, *, name: str =
         raise InputError(f"{what} {source} holds labels {low:g}..{high:g}: labels must lie in 0..65535")
     if high == 0:
         raise InputError(f"{what} {source} is empty (all voxels are 0): give the labelmap of the vertebrae")
-    _check_same_grid(image, reference, source, what)
+    check_same_grid(image, reference, source, what)
     labels = sitk.Cast(image, sitk.sitkUInt16)
     labels.CopyInformation(reference)
     return labels
@@ -421,7 +421,7 @@ def _check_finite(array: np.ndarray, path: Path, what: str) -> None:
         raise _nonfinite_error(path, what, int(finite.size - np.count_nonzero(finite)))
 
 
-def _check_same_grid(image: sitk.Image, reference: sitk.Image, path: Path, what: str) -> None:
+def check_same_grid(image: sitk.Image, reference: sitk.Image, path: Path, what: str) -> None:
     """The labelmap must share the CT's voxel grid; name the first property that differs."""
     spacing = np.array(reference.GetSpacing())
     differences = (

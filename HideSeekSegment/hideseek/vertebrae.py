@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .io import check_same_grid
 from .volume import direction_matrix, same_grid
 
 FORMATS = ("totalsegmentator", "spineps", "plain")
@@ -229,13 +230,10 @@ def _read(path: Path, what: str) -> sitk.Image:
 
 
 def _on_grid(image: sitk.Image, reference: sitk.Image | None, where: str) -> sitk.Image:
-    """Labels on the reference (CT) grid: unchanged when they match, else nearest-neighbour resampled."""
-    if reference is None or same_grid(image, reference):
-        return image
-    out = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
-    if not np.any(sitk.GetArrayViewFromImage(out)):
-        raise InputError(f"{where}: the labels do not overlap the CT at all; are they for another scan?")
-    return out
+    """Labels must lie on the reference (CT) grid: resampling them silently could shift a level by a voxel."""
+    if reference is not None:
+        check_same_grid(image, reference, Path(where), "labelmap")
+    return image
 
 
 def read_totalsegmentator_folder(folder: str | Path) -> sitk.Image:
