@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 SLICE_CONVENTION = "sagittal; rows run superior->inferior, columns anterior->posterior"
-"""Orientation of every model slice: row 0 is the most superior, column 0 the most anterior."""
+"""How the engine samples every slice: row 0 is the most superior, column 0 the most anterior."""
+
+PUBLISHED_SLICE_LAYOUT = "sagittal; rows run anterior->posterior, columns superior->inferior (S-I flip augmented)"
+"""How the published model saw its slices: ``SLICE_CONVENTION`` transposed. Its training flipped the S-I axis at
+random (MONAI ``RandFlipd(spatial_axis=1)``), so only the transpose matters for it."""
+
+SLICE_LAYOUTS = (SLICE_CONVENTION, PUBLISHED_SLICE_LAYOUT)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class Preprocessing:
             raise ValueError(f"unknown intensity normalisation {self.intensity!r}: use percentile or hu_window")
         if not self.lower < self.upper:
             raise ValueError(f"need lower < upper, got {self.lower} and {self.upper}")
+        if self.slice_convention not in SLICE_LAYOUTS:
+            raise ValueError(f"unknown slice convention {self.slice_convention!r}: use one of {SLICE_LAYOUTS}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8, got {self.image_size}")
 
@@ -40,6 +48,14 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_model_layout(self, slices: np.ndarray) -> np.ndarray:
+        """(..., H, W) slices in ``SLICE_CONVENTION`` -> the layout this model was trained on."""
+        return np.swapaxes(slices, -1, -2) if self.slice_convention == PUBLISHED_SLICE_LAYOUT else slices
+
+    def from_model_layout(self, slices: np.ndarray) -> np.ndarray:
+        """The inverse of ``to_model_layout`` (a transpose is its own inverse)."""
+        return self.to_model_layout(slices)
 
     def normalize(self, slices: np.ndarray) -> np.ndarray:
         """Map HU slices (..., H, W) to model intensities, slice by slice for the percentile rule."""
@@ -55,5 +71,6 @@ class Preprocessing:
         return np.clip(out, 0.0, 1.0) if self.clip else out
 
 
-PUBLISHED_PREPROCESSING = Preprocessing()
-"""The published pipeline: percentile 0 -> 0 and 99.5 -> 1 per 64x64 slice, no clipping."""
+PUBLISHED_PREPROCESSING = Preprocessing(crop_margin=0.06, slice_convention=PUBLISHED_SLICE_LAYOUT)
+"""The published pipeline: percentile 0 -> 0 and 99.5 -> 1 per 64x64 slice, no clipping, transposed layout; the
+body fills about 57 of 64 pixels along its long side in the authors' sample, hence the small margin."""

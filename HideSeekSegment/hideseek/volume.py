@@ -11,8 +11,8 @@ square pixels: N x N, whatever the CT spacing, so a vertebra keeps its aspect ra
 ``mid`` mode takes the single CT sagittal plane nearest the body's L-R centre; ``3d`` mode takes every CT sagittal
 plane that cuts the body.
 
-The published model's slices are laid out differently (``PUBLISHED_SLICE_LAYOUT``): its demo reads the plane
-32 along the third axis of a 64-cube crop, rows = first axis, columns = second axis. In the published sample that
+The published model's slices are laid out differently (``preprocessing.PUBLISHED_SLICE_LAYOUT``): its demo
+reads plane 32 along the third axis of a 64-cube crop, rows = first axis, columns = second axis. In the published sample that
 second axis is S-I (discs and neighbouring endplates lie at both of its ends) and the first is A-P with the
 rounded anterior wall at index 0 and the flat posterior wall, pedicle roots and paravertebral lung at the high
 end, i.e. a TPTBox P-I-R crop whose header was replaced by a placeholder: our slice transposed.
@@ -34,10 +34,6 @@ MIN_BODY_VOXELS = 50
 """A body with fewer voxels is a segmentation fragment, not a vertebra worth a slice."""
 MIN_BODY_EXTENT_MM = 8.0
 """The smallest real vertebral body (C3) is about 15 mm across; under 8 mm along any axis it is a fragment."""
-
-PUBLISHED_SLICE_LAYOUT = "sagittal; rows run anterior->posterior, columns superior->inferior (S-I flip augmented)"
-"""How the published model saw its slices: our ``SLICE_CONVENTION`` transposed (``ours.T``). Its training flipped
-the S-I axis at random (MONAI ``RandFlipd(spatial_axis=1)``), so only the transpose matters for it."""
 
 _GEOMETRY_TOLERANCE = 1e-4
 
