@@ -12,8 +12,8 @@ square pixels: N x N, whatever the CT spacing, so a vertebra keeps its aspect ra
 plane that cuts the body.
 
 The published model's slices are laid out differently (``preprocessing.PUBLISHED_SLICE_LAYOUT``): its demo
-reads plane 32 along the third axis of a 64-cube crop, rows = first axis, columns = second axis. In the published sample that
-second axis is S-I (discs and neighbouring endplates lie at both of its ends) and the first is A-P with the
+reads plane 32 along the third axis of a 64-cube crop, rows = first axis, columns = second axis. In the published
+sample that second axis is S-I (discs and neighbouring endplates lie at both of its ends) and the first is A-P with the
 rounded anterior wall at index 0 and the flat posterior wall, pedicle roots and paravertebral lung at the high
 end, i.e. a TPTBox P-I-R crop whose header was replaced by a placeholder: our slice transposed.
 """
