@@ -46,3 +46,40 @@ def slicer_core():
         factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
         factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
     return slicer
+
+
+TOY_ARCHITECTURE = {"image_size": 32, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                    "attention_resolutions": [16], "embed_channels": 32, "enc_out_channels": 16,
+                    "enc_channel_mult": [1, 2], "enc_num_res_block": 1, "dropout": 0.0, "norm_groups": 8}
+"""A random, tiny DAE at 32 px: exercises every code path of the pipeline in a fraction of a second."""
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(tmp_path_factory) -> Path:
+    """A model bundle with random weights whose classifier calls every vertebra malignant (so lesions appear)."""
+    import numpy as np
+    import torch
+
+    from hideseek.bundle import save_bundle
+    from hideseek.classifier import LatentClassifier
+    from hideseek.network import DAEConfig, DiffusionAutoencoder
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.sampler import DiffusionConfig
+
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(DAEConfig.from_dict(TOY_ARCHITECTURE)).eval()
+    with torch.no_grad():  # zero-initialised output layers would make every edit empty: randomise them
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    rng = np.random.default_rng(0)
+    dim = TOY_ARCHITECTURE["enc_out_channels"]
+    classifier = LatentClassifier(coef=rng.standard_normal(dim), intercept=60.0, mean=np.zeros(dim),
+                                  scale=np.ones(dim))
+    preprocessing = Preprocessing(image_size=32, intensity="hu_window", lower=-200.0, upper=1200.0)
+    out = tmp_path_factory.mktemp("bundles") / "toy"
+    return save_bundle(out, model, DiffusionConfig(), preprocessing, classifier, name="toy", version="0",
+                       method={"default_preset": "fast", "presets": {"fast": {"encode_steps": 5, "decode_steps": 5,
+                                                                                 "autocast_bf16": False}}},
+                       card={"summary": "random weights for tests", "intended_use": "tests only",
+                             "licence": "MIT"})

@@ -23,8 +23,9 @@ from hideseek.attribution import (
     split_components,
 )
 from hideseek.classifier import LatentClassifier
+from hideseek.errors import Cancelled
 from hideseek.network import DAEConfig, DiffusionAutoencoder
-from hideseek.sampler import Cancelled, DiffusionConfig
+from hideseek.sampler import DiffusionConfig
 
 FAST = AttributionSettings(encode_steps=5, decode_steps=5, batch_size=4)
 

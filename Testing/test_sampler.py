@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hideseek.sampler import Cancelled, DDIMSampler, DiffusionConfig, alphas_cumprod, respaced_timesteps
+from hideseek.errors import Cancelled
+from hideseek.sampler import DDIMSampler, DiffusionConfig, alphas_cumprod, respaced_timesteps
 
 
 @pytest.mark.parametrize(

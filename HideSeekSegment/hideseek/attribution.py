@@ -112,6 +112,7 @@ class Candidate:
 class SliceResult:
     """Everything the method computed for one slice; ``lesions`` are the kept candidates."""
 
+    image: np.ndarray  # the normalised input
     recon: np.ndarray
     edit: np.ndarray
     p_malignant: float  # P(malignant) of the input's latent
@@ -255,7 +256,7 @@ class HideAndSeek:
             lytic, blastic = candidate_maps(r, e, bodies[i] & bool(active[i]), s.candidate_quantile)
             cands = [Candidate(kind, m) for kind, mask in ((LYTIC, lytic), (BLASTIC, blastic))
                      for m in split_components(mask, s.connectivity) if m.sum() >= s.min_component_px]
-            results.append(SliceResult(r, e, float(p_malignant[i]), float(p_healthy[i]), lytic | blastic,
+            results.append(SliceResult(images[i], r, e, float(p_malignant[i]), float(p_healthy[i]), lytic | blastic,
                                        cands, s.delta_threshold))
         self._score(results, recon, edit, p_malignant, p_healthy, counter)
         return results

@@ -11,3 +11,7 @@ class InputError(HideSeekError):
 
 class BundleError(HideSeekError):
     """A model bundle is missing, malformed or tampered with."""
+
+
+class Cancelled(Exception):
+    """Raised from a progress callback to stop a running computation; nothing partial is returned or written."""

@@ -15,11 +15,7 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int], None]
-"""Called as ``callback(step_done, steps_total)``; raise (e.g. ``Cancelled``) inside it to stop."""
-
-
-class Cancelled(Exception):
-    """Raised by a progress callback to stop a running computation; nothing partial is returned."""
+"""Called as ``callback(step_done, steps_total)``; raise (e.g. ``errors.Cancelled``) inside it to stop."""
 
 
 @dataclass(frozen=True)
