@@ -58,7 +58,7 @@ def test_report_records_match_the_label_volume(totalseg_run):
         assert sum(r["voxels"] for r in records) == int((lesions == kind).sum())
         for r in records:
             assert r["volume_mm3"] == pytest.approx(r["voxels"] * spacing, rel=1e-6)
-            i, j, k = (int(round(v)) for v in r["centroid_ijk"])
+            i, j, k = (round(v) for v in r["centroid_ijk"])
             assert 0 <= i < lesions.shape[2] and 0 <= j < lesions.shape[1] and 0 <= k < lesions.shape[0]
             lps = totalseg_run.ct.TransformContinuousIndexToPhysicalPoint(r["centroid_ijk"])
             assert r["centroid_ras"] == pytest.approx([-lps[0], -lps[1], lps[2]], abs=0.01)
