@@ -83,3 +83,50 @@ def test_demo_architecture_is_compact():
     with torch.device("meta"):
         n = DiffusionAutoencoder(DEMO_ARCHITECTURE).num_parameters()
     assert 3e6 < n < 8e6  # bundle weights stay well under the 50 MB limit
+
+
+def _toy_slice_set(n_vertebrae=8, per=4):
+    from hideseek.dataset import SliceSet
+
+    images = _toy_images(n_vertebrae * per)
+    malignant = np.repeat(np.arange(n_vertebrae) % 2, per).astype(np.int8)
+    images[malignant == 1, 6:9, 6:9] += 0.8  # a bright "lesion" in malignant vertebrae
+    lesions = np.zeros(images.shape, np.uint8)
+    lesions[malignant == 1, 6:9, 6:9] = 2
+    return SliceSet(images=images, bodies=np.ones(images.shape, bool), lesions=lesions,
+                    mimics=np.zeros(images.shape, np.uint16), malignant=malignant,
+                    vertebra=np.repeat(np.arange(n_vertebrae), per).astype(np.int32),
+                    names=np.array([f"v{i}" for i in range(n_vertebrae)]))
+
+
+def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
+    from hideseek.bundle import load_bundle
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import train_bundle
+
+    prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    out = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=40), prep,
+                       device=torch.device("cpu"), classifier_C=0.01, eval_every=20, name="toy")
+    bundle = load_bundle(out)
+    card = bundle.card
+    assert card["training"]["steps"] == 40 and bundle.manifest["name"] == "toy"
+    curve = card["metrics"]["learning_curve"]
+    assert [p["step"] for p in curve] == [20, 40]
+    assert {"val_auc", "efficacy", "outside_ratio", "p_reencoded_edit"} <= set(curve[-1])
+    assert bundle.preprocessing == prep
+    # Resuming continues the same run and keeps its curve.
+    out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
+                        device=torch.device("cpu"), classifier_C=0.01, eval_every=20, overwrite=True)
+    assert [p["step"] for p in load_bundle(out2).card["metrics"]["learning_curve"]] == [20, 40, 60]
+
+
+def test_split_keeps_vertebrae_whole():
+    from hideseek.training import split_by_vertebra
+
+    vertebra = np.repeat(np.arange(20), 3)
+    malignant = (vertebra % 4 == 0).astype(np.int8)  # 5 malignant, 15 healthy vertebrae
+    held = split_by_vertebra(vertebra, malignant, 0.2, seed=1)
+    assert held.sum() == 3 * (1 + 3)
+    assert set(malignant[held]) == {0, 1}
+    for v in range(20):
+        assert len(set(held[vertebra == v])) == 1

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import __version__
+from .attribution import AttributionSettings, HideAndSeek, settings_for
+from .bundle import save_bundle
+from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
+from .dataset import SliceSet
+from .metrics import edit_efficacy
 from .network import DAEConfig, DiffusionAutoencoder
+from .preprocessing import Preprocessing
 from .sampler import DiffusionConfig, alphas_cumprod
 
 TrainProgress = Callable[[dict], None]
@@ -236,3 +243,110 @@ class Trainer:
         trainer.step, trainer.elapsed_s, trainer.history = meta["step"], meta["elapsed_s"], meta["history"]
         trainer._rng.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
         return trainer
+
+
+# -- from slices to a bundle ----------------------------------------------------------------------------------
+
+
+def split_by_vertebra(vertebra: np.ndarray, malignant: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Slices held out for validation: whole vertebrae (never slices of one vertebra apart), from each class."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in (0, 1):
+        ids = np.unique(vertebra[malignant == label])
+        if len(ids) > 1:
+            held += list(rng.choice(ids, size=max(1, round(len(ids) * fraction)), replace=False))
+    return np.isin(vertebra, held)
+
+
+@torch.inference_mode()
+def encode_latents(model: DiffusionAutoencoder, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = [model.encode(torch.from_numpy(images[i : i + batch])[:, None].to(device)).float().cpu()
+           for i in range(0, len(images), batch)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def measure_edit(
+    model: DiffusionAutoencoder,
+    diffusion: DiffusionConfig,
+    classifier: LatentClassifier,
+    val: SliceSet,
+    settings: AttributionSettings,
+    max_slices: int = 32,
+) -> dict[str, float]:
+    """Edit efficacy on validation slices that carry true lesions (the number to watch while training)."""
+    has = np.flatnonzero((val.lesions > 0).any(axis=(1, 2)))[:max_slices]
+    if has.size == 0:
+        return {}
+    method = HideAndSeek(model, diffusion, classifier, settings)
+    results = method.run(val.images[has], val.bodies[has])
+    recon = np.stack([r.recon for r in results])
+    edit = np.stack([r.edit for r in results])
+    out = edit_efficacy(val.images[has], recon, edit, val.lesions[has], val.bodies[has])
+    z_edit = encode_latents(model, edit.astype(np.float32))
+    out["p_reencoded_edit"] = float(classifier.probability(z_edit).mean())
+    out["slices"] = int(has.size)
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def fit_classifier(model: DiffusionAutoencoder, data: SliceSet, *, C: float | None, seed: int):
+    z = encode_latents(model, data.images).double().numpy()
+    return fit_latent_classifier(z, data.malignant.astype(int), C=C, class_weight="balanced", seed=seed)
+
+
+def train_bundle(
+    slices: SliceSet,
+    out_dir: str | Path,
+    state_dir: str | Path,
+    cfg: TrainConfig,
+    preprocessing: Preprocessing,
+    *,
+    device: torch.device,
+    time_budget_s: float | None = None,
+    classifier_C: float | None = None,
+    eval_every: int = 1000,
+    name: str = "hideseek-model",
+    provenance: dict | None = None,
+    progress: TrainProgress | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Train (or resume) the DAE, fit the latent classifier on its codes and write a bundle with a model card."""
+    state_dir = Path(state_dir)
+    diffusion = DiffusionConfig()
+    held = split_by_vertebra(slices.vertebra, slices.malignant, 0.1, cfg.seed)
+    train, val = slices.subset(~held), slices.subset(held)
+    if (state_dir / "state.json").is_file():
+        trainer = Trainer.resume(state_dir, device, steps=cfg.steps)
+    else:
+        trainer = Trainer(cfg, diffusion, device)
+    curve: list[dict] = json.loads((state_dir / "curve.json").read_text()) if (state_dir / "curve.json").is_file() \
+        else []
+    quick = settings_for("fast", encode_steps=20, decode_steps=20)
+
+    def evaluate(t: Trainer) -> None:
+        if t.step % eval_every and t.step != t.cfg.steps:
+            return
+        clf, info = fit_classifier(t.ema, train, C=classifier_C, seed=cfg.seed)
+        val_auc = roc_auc(val.malignant, clf.probability(encode_latents(t.ema, val.images).double()).numpy())
+        point = {"step": t.step, "elapsed_s": round(t.elapsed_s, 1), "val_auc": round(val_auc, 4), "C": info["C"]}
+        point |= measure_edit(t.ema, diffusion, clf, val, quick)
+        curve.append(point)
+        (state_dir / "curve.json").write_text(json.dumps(curve, indent=1))
+        if progress is not None:
+            progress({"eval": point})
+
+    trainer.run(train.images, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress,
+                on_checkpoint=evaluate)
+    classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed)
+    card = {
+        "summary": f"Diffusion autoencoder + latent classifier trained with hideseek {__version__}.",
+        "training": {"config": cfg.to_dict(), "steps": trainer.step, "elapsed_s": round(trainer.elapsed_s, 1),
+                     "device": str(device), "slices_train": len(train), "slices_val": len(val),
+                     "vertebrae": len(np.unique(slices.vertebra)),
+                     "malignant_fraction": round(float(slices.malignant.mean()), 3), "loss": trainer.history[-20:]},
+        "metrics": {"learning_curve": curve},
+        "provenance": provenance or {},
+    }
+    return save_bundle(out_dir, trainer.ema, diffusion, preprocessing, classifier, name=name, version=str(trainer.step),
+                       method={"default_preset": "fast"}, card=card, fit_info=fit_info, overwrite=overwrite)

@@ -280,12 +280,19 @@ def extract_vertebra_slices(
     roi_lo, roi_hi = _corner_indices(slices, ct)
     roi = sitk.Cast(_region(ct, roi_lo, roi_hi), sitk.sitkFloat32)
     images = sitk.Resample(roi, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
-    body_roi = sitk.Cast(_region(body_mask, roi_lo, roi_hi) != 0, sitk.sitkUInt8)
-    body_grid = sitk.Resample(body_roi, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     slices.images = sitk.GetArrayFromImage(images).astype(np.float32, copy=False)
-    slices.body = sitk.GetArrayFromImage(body_grid).astype(bool)
+    slices.body = sample_labels(slices, body_mask != 0).astype(bool)
     slices.inside = _inside(slices, ct)
     return slices
+
+
+def sample_labels(slices: VertebraSlices, labels: sitk.Image) -> np.ndarray:
+    """A label image on the CT grid sampled nearest-neighbour on the slices' grid: (S, N, N) uint16."""
+    lo, hi = _corner_indices(slices, labels)
+    roi = sitk.Cast(_region(labels, lo, hi), sitk.sitkUInt16)
+    grid = slices.grid_image()
+    return sitk.GetArrayFromImage(sitk.Resample(roi, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                sitk.sitkUInt16))
 
 
 def _check_reference(slices: VertebraSlices, reference: sitk.Image) -> None:

@@ -1,0 +1,135 @@
+"""Vertebra slices for training and evaluation, extracted from a manifest of CTs with vertebra-level labels.
+
+A manifest is a CSV with one row per vertebra: ``ct``, ``vertebrae`` (labelmap), ``label`` (its value there),
+``malignant`` (0/1) and optionally ``body`` (body mask), ``lesions`` (0/1/2 truth, evaluation only), ``mimics``
+(benign look-alike instances, evaluation only), ``case`` and ``level``. Paths are relative to the CSV.
+Real datasets and ``hideseek phantom`` output use the same format. Slices are cached as one ``.npz``.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .io import read_ct
+from .preprocessing import Preprocessing
+from .vertebrae import Vertebra, VertebraLabels, load_vertebra_labels, vertebral_body
+from .volume import extract_vertebra_slices, sample_labels
+
+REQUIRED_COLUMNS = ("ct", "vertebrae", "label", "malignant")
+
+
+@dataclass
+class SliceSet:
+    """Slices in a model's layout and intensity range, with per-slice vertebra labels and optional truth."""
+
+    images: np.ndarray  # (N, S, S) float32
+    bodies: np.ndarray  # (N, S, S) bool
+    lesions: np.ndarray  # (N, S, S) uint8: 0 none, 1 lytic, 2 blastic (all 0 without truth)
+    mimics: np.ndarray  # (N, S, S) uint16 mimic instance ids (all 0 without truth)
+    malignant: np.ndarray  # (N,) int8, the vertebra's label
+    vertebra: np.ndarray  # (N,) int32 index into ``names``
+    names: np.ndarray  # (V,) str "case/level"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, keep: np.ndarray) -> SliceSet:
+        return SliceSet(**{f.name: getattr(self, f.name)[keep] if f.name != "names" else self.names
+                           for f in fields(self)})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SliceSet:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows with paths made absolute; a clear error for missing columns or bad labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest {path}: file not found")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise InputError(f"manifest {path}: no rows")
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+    if missing:
+        need = ", ".join(REQUIRED_COLUMNS)
+        raise InputError(f"manifest {path}: missing column(s) {', '.join(missing)} (need {need})")
+    for n, row in enumerate(rows, start=2):
+        if row["malignant"] not in ("0", "1"):
+            raise InputError(f"manifest {path} line {n}: malignant must be 0 or 1, got {row['malignant']!r}")
+        for key in ("ct", "vertebrae", "body", "lesions", "mimics"):
+            if row.get(key):
+                row[key] = str((path.parent / row[key]).resolve())
+    return rows
+
+
+def build_slice_set(
+    manifest: str | Path,
+    preprocessing: Preprocessing,
+    *,
+    central_fraction: float = 0.5,
+    progress: Callable[[int, int], None] | None = None,
+) -> SliceSet:
+    """Every sagittal slice through the central ``central_fraction`` of each body's left-right width.
+
+    Lateral slices of a malignant vertebra often miss its lesions; keeping the central part keeps the
+    vertebra-level label true for most slices.
+    """
+    rows = read_manifest(manifest)
+    parts: dict[str, list] = {k: [] for k in ("images", "bodies", "lesions", "mimics", "malignant", "vertebra")}
+    names: list[str] = []
+    cache: dict[str, tuple[sitk.Image, VertebraLabels]] = {}
+    for i, row in enumerate(rows):
+        if row["ct"] not in cache:
+            cache.clear()  # rows of one case are consecutive: keep one case in memory
+            ct = read_ct(row["ct"])
+            cache[row["ct"]] = (ct, load_vertebra_labels(row["vertebrae"], reference=ct))
+        ct, labels = cache[row["ct"]]
+        vertebra = next((v for v in labels.vertebrae if v.label == int(row["label"])), None)
+        if vertebra is None:
+            raise InputError(f"manifest row {i + 2}: label {row['label']} is not in {row['vertebrae']}")
+        _add_vertebra(parts, ct, labels, vertebra, row, preprocessing, central_fraction, len(names))
+        names.append(f"{row.get('case', Path(row['ct']).name)}/{row.get('level', vertebra.level)}")
+        if progress is not None:
+            progress(i + 1, len(rows))
+    stacked = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+    return SliceSet(names=np.array(names), **stacked)
+
+
+def _add_vertebra(parts, ct, labels, vertebra: Vertebra, row, prep: Preprocessing, central: float, vid: int) -> None:
+    body_mask = sitk.ReadImage(row["body"]) if row.get("body") else None
+    body, _ = vertebral_body(labels, vertebra, body_mask)
+    slices = extract_vertebra_slices(ct, body, prep, "3d", level=vertebra.level)
+    n = len(slices.images)
+    drop = round(n * (1 - central) / 2)
+    keep = slice(drop, max(drop + 1, n - drop))
+
+    own = sample_labels(slices, labels.labelmap == vertebra.label)[keep] > 0  # not the neighbours' lesions
+
+    def truth(key: str, dtype) -> np.ndarray:
+        if not row.get(key):
+            return np.zeros(own.shape, dtype)
+        return prep.to_model_layout(sample_labels(slices, sitk.ReadImage(row[key]))[keep].astype(dtype) * own)
+
+    images = prep.normalize(slices.images[keep])
+    parts["images"].append(prep.to_model_layout(images).astype(np.float32))
+    parts["bodies"].append(prep.to_model_layout(slices.body[keep] & slices.inside[keep]))
+    parts["lesions"].append(truth("lesions", np.uint8))
+    parts["mimics"].append(truth("mimics", np.uint16))
+    count = len(images)
+    parts["malignant"].append(np.full(count, int(row["malignant"]), np.int8))
+    parts["vertebra"].append(np.full(count, vid, np.int32))

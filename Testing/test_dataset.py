@@ -1,0 +1,76 @@
+"""Slice sets from a manifest of real CTs: geometry, labels, truth restricted to the vertebra, caching."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hideseek.dataset import SliceSet, build_slice_set, read_manifest
+from hideseek.errors import InputError
+from hideseek.preprocessing import Preprocessing
+
+PREP = Preprocessing(image_size=32, intensity="hu_window", lower=-200, upper=1200)
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifest(real_data_dir, tmp_path_factory):
+    """L1 of the TotalSegmentator example (called malignant, with a fake lesion) and L3 of the SPINEPS crop."""
+    tmp = tmp_path_factory.mktemp("manifest")
+    ts = real_data_dir / "totalsegmentator_example"
+    seg = sitk.ReadImage(str(ts / "example_seg.nii.gz"))
+    labels = sitk.GetArrayFromImage(seg)
+    lesion = np.zeros_like(labels, np.uint8)
+    lesion[(labels == 31) | (labels == 32)] = 2  # "lesions" filling L1 and T12: only L1's may be kept
+    image = sitk.GetImageFromArray(lesion)
+    image.CopyInformation(seg)
+    sitk.WriteImage(image, str(tmp / "lesions.nii.gz"))
+    tp = real_data_dir / "tptbox_sample_ct"
+    rows = [
+        {"case": "ts", "ct": str(ts / "example_ct_sm.nii.gz"), "vertebrae": str(ts / "example_seg.nii.gz"),
+         "label": 31, "level": "L1", "malignant": 1, "lesions": "lesions.nii.gz"},
+        {"case": "tp", "ct": str(tp / "sub-ct_label-22_ct.nii.gz"),
+         "vertebrae": str(tp / "sub-ct_seg-vert_label-22_msk.nii.gz"), "label": 22, "level": "L3", "malignant": 0},
+    ]
+    return _write_manifest(tmp / "manifest.csv", rows)
+
+
+def test_slices_carry_labels_and_truth_of_their_own_vertebra(manifest, tmp_path):
+    data = build_slice_set(manifest, PREP, central_fraction=0.5)
+    assert data.images.shape[1:] == (32, 32) and data.images.dtype == np.float32
+    assert list(data.names) == ["ts/L1", "tp/L3"]
+    for vid, malignant in ((0, 1), (1, 0)):
+        mine = data.vertebra == vid
+        assert mine.sum() >= 1 and np.all(data.malignant[mine] == malignant)
+        assert data.bodies[mine].any(axis=(1, 2)).all()
+    lesions = data.lesions[data.vertebra == 0]
+    assert lesions.any() and set(np.unique(lesions)) <= {0, 2}
+    assert not data.lesions[data.vertebra == 1].any()
+    full = build_slice_set(manifest, PREP, central_fraction=1.0)
+    assert len(full) > len(data)
+
+    again = SliceSet.load(data.save(tmp_path / "slices.npz"))
+    assert np.array_equal(again.images, data.images) and list(again.names) == list(data.names)
+    assert len(data.subset(data.vertebra == 1)) == int((data.vertebra == 1).sum())
+
+
+def test_manifest_errors_are_specific(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_manifest(tmp_path / "none.csv")
+    bad = _write_manifest(tmp_path / "m.csv", [{"ct": "a", "vertebrae": "b", "label": 1}])
+    with pytest.raises(InputError, match="missing column"):
+        read_manifest(bad)
+    bad = _write_manifest(tmp_path / "m2.csv", [{"ct": "a", "vertebrae": "b", "label": 1, "malignant": "yes"}])
+    with pytest.raises(InputError, match="0 or 1"):
+        read_manifest(bad)
