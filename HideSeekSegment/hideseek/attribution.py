@@ -22,6 +22,7 @@ import torch
 from scipy import ndimage
 
 from .classifier import LatentClassifier
+from .device import bf16_is_fast
 from .network import DiffusionAutoencoder
 from .sampler import DDIMSampler, DiffusionConfig
 
@@ -49,7 +50,7 @@ class AttributionSettings:
     delta_threshold: float = 0.5  # keep candidates with Δ strictly above
     gate_probability: float | None = None  # slices with P(malignant) at or below this are not searched
     batch_size: int = 16  # images per network batch
-    autocast_bf16: bool = False  # bfloat16 autocast for the UNet (about 2x faster on recent CPUs)
+    autocast_bf16: bool = False  # bfloat16 autocast for the UNet where the device runs it natively (device.py)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_probability < 1.0:
@@ -193,7 +194,8 @@ class HideAndSeek:
     # -- network passes, batched --------------------------------------------------------------------
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast_bf16):
+        bf16 = self.settings.autocast_bf16 and bf16_is_fast(x.device.type)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             return self.dae(x, t, cond).float()
 
     def _batches(self, n: int) -> Iterator[slice]:
@@ -216,15 +218,14 @@ class HideAndSeek:
     # -- the method -----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(
-        self, images: np.ndarray, bodies: np.ndarray, progress: Progress | None = None
-    ) -> list[SliceResult]:
+    def run(self, images: np.ndarray, bodies: np.ndarray, progress: Progress | None = None) -> list[SliceResult]:
         """Attribute every slice: ``images`` (N, H, W) in the model's intensity range, ``bodies`` the same bool."""
         images = np.asarray(images, dtype=np.float32)
         bodies = np.asarray(bodies, dtype=bool)
         if images.ndim != 3 or images.shape != bodies.shape:
-            raise ValueError(f"need images and body masks of the same (N, H, W) shape, got {images.shape} "
-                             f"and {bodies.shape}")
+            raise ValueError(
+                f"need images and body masks of the same (N, H, W) shape, got {images.shape} and {bodies.shape}"
+            )
         s = self.settings
         n = len(images)
         counter = _Counter(progress, total=n * (self._enc.steps + 2 * self._dec.steps))
@@ -254,10 +255,24 @@ class HideAndSeek:
         for i in range(n):
             r, e = recon[i, 0].cpu().numpy(), edit[i, 0].cpu().numpy()
             lytic, blastic = candidate_maps(r, e, bodies[i] & bool(active[i]), s.candidate_quantile)
-            cands = [Candidate(kind, m) for kind, mask in ((LYTIC, lytic), (BLASTIC, blastic))
-                     for m in split_components(mask, s.connectivity) if m.sum() >= s.min_component_px]
-            results.append(SliceResult(images[i], r, e, float(p_malignant[i]), float(p_healthy[i]), lytic | blastic,
-                                       cands, s.delta_threshold))
+            cands = [
+                Candidate(kind, m)
+                for kind, mask in ((LYTIC, lytic), (BLASTIC, blastic))
+                for m in split_components(mask, s.connectivity)
+                if m.sum() >= s.min_component_px
+            ]
+            results.append(
+                SliceResult(
+                    images[i],
+                    r,
+                    e,
+                    float(p_malignant[i]),
+                    float(p_healthy[i]),
+                    lytic | blastic,
+                    cands,
+                    s.delta_threshold,
+                )
+            )
         self._score(results, recon, edit, p_malignant, p_healthy, counter)
         return results
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import Cancelled, HideSeekError
+from .errors import Cancelled, HideSeekError, InputError
 
 
 def _add_import_published(sub: argparse._SubParsersAction) -> None:
@@ -39,15 +39,20 @@ def _run_import_published(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that segments CTs: the model's, then how progress is shown."""
+    _add_model_options(p)
+    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                   help="progress on stderr as a bar, as JSON lines on stdout (for scripts), or none")
+    p.add_argument("--quiet", action="store_true", help="print only errors (same as --progress none, no summary)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the model."""
     p.add_argument("--model", help="model bundle folder (default: $HIDESEEK_MODEL or the bundled demo model)")
     p.add_argument("--preset", choices=["fast", "published"], help="method preset (default: the model's own)")
     p.add_argument("--delta-threshold", type=float, help="keep candidates whose Δ score is above this (0..1)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
-                   help="progress on stderr as a bar, as JSON lines on stdout (for scripts), or none")
-    p.add_argument("--quiet", action="store_true", help="print only errors (same as --progress none, no summary)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -153,6 +158,216 @@ def _print_summary(report: dict, out) -> None:
     print(f"wrote {out}/: lesions.nii.gz, lesions.seg.nrrd, report.json, report.csv, overview.png")
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a diffusion autoencoder + latent classifier from vertebra-level labels into a model bundle",
+        description="Trains on the sagittal slices of every vertebra in a manifest CSV (columns ct, vertebrae, "
+        "label, malignant; optional body, lesions, mimics — see hideseek/dataset.py). Resumable: run the same "
+        "command again to continue from --state. A GPU is used when present (--device auto).",
+    )
+    p.add_argument("--manifest", required=True, help="manifest CSV (e.g. from 'hideseek phantom')")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--state", required=True, help="folder for the resumable training state")
+    p.add_argument("--slices", help="cache of extracted slices (.npz): read when it exists, else written")
+    p.add_argument("--steps", type=int, default=20000, help="total training steps of the run (default 20000)")
+    p.add_argument("--time-budget", type=float, help="stop after this many minutes (state is saved; resume later)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--high-noise-fraction", type=float, default=0.5,
+                   help="share of each batch trained at t >= T/2, where only z can carry the image (default 0.5)")
+    p.add_argument("--classifier-c", type=float, default=0.01,
+                   help="L2 strength of the latent classifier (sklearn's C; default 0.01 as published; 0 = by CV)")
+    p.add_argument("--eval-every", type=int, default=1000, help="steps between learning-curve points")
+    p.add_argument("--intensity", default="hu_window", choices=["hu_window", "percentile"])
+    p.add_argument("--name", default="hideseek-model", help="model name recorded in the bundle")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is the default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(handler=_run_train)
+
+
+HU_WINDOW = (-200.0, 1200.0)
+"""Default intensity window of phantom-trained models: soft tissue to dense sclerosis, lesions keep their contrast."""
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .dataset import SliceSet, build_slice_set
+    from .device import resolve_device
+    from .preprocessing import Preprocessing
+    from .training import TrainConfig, train_bundle
+
+    _apply_threads(args)
+    prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
+        if args.intensity == "hu_window" else Preprocessing()
+    cache = Path(args.slices) if args.slices else None
+    if cache is not None and cache.is_file():
+        slices = SliceSet.load(cache)
+    else:
+        slices = build_slice_set(args.manifest, prep, progress=lambda i, n: print(
+            f"\rextracting slices: vertebra {i}/{n}", end="", file=sys.stderr, flush=True))
+        print(file=sys.stderr)
+        if cache is not None:
+            slices.save(cache)
+    print(f"{len(slices)} slices of {len(slices.names)} vertebrae ({slices.malignant.mean():.0%} malignant)",
+          file=sys.stderr)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      high_noise_fraction=args.high_noise_fraction, bf16=not args.no_bf16)
+
+    def report(record: dict) -> None:
+        if "eval" in record:
+            print(f"\n  eval {json.dumps(record['eval'])}", file=sys.stderr, flush=True)
+        else:
+            eta = record["eta_s"]
+            print(f"\rstep {record['step']}/{record['steps']}  loss {record['loss']:.4f}  "
+                  f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}h  ", end="", file=sys.stderr, flush=True)
+
+    out = train_bundle(
+        slices, args.out, args.state, cfg, prep, device=resolve_device(args.device),
+        time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
+        classifier_C=args.classifier_c or None, eval_every=args.eval_every, name=args.name,
+        provenance={"manifest": str(args.manifest), "command": "hideseek " + " ".join(sys.argv[1:])},
+        progress=report, overwrite=args.overwrite,
+    )
+    print(f"\nwrote model bundle {out}", file=sys.stderr)
+    return 0
+
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "phantom",
+        help="generate synthetic spine CTs with vertebral metastases, benign mimics and exact lesion masks",
+        description="Writes <case>_ct/_vertebrae/_body/_lesions/_mimics.nii.gz (+ _mimics.json) per case and a "
+        "manifest.csv with one row per vertebra (the format 'hideseek train' reads). Deterministic for a seed; "
+        "see docs/phantom.md for what is simulated.",
+    )
+    p.add_argument("--out", required=True, help="folder to create (refused when it exists and is not empty)")
+    p.add_argument("--cases", type=int, required=True, help="number of cases")
+    p.add_argument("--seed", type=int, required=True, help="seed of the whole set (per-case seeds go in the manifest)")
+    p.add_argument("--levels", default="T11,T12,L1,L2,L3", help="contiguous levels, comma-separated (T1..L5)")
+    p.add_argument("--lesion-rate", type=float, default=0.5, help="probability that a vertebra is malignant")
+    p.add_argument("--mimic-rate", type=float, default=0.33, help="probability that a vertebra carries benign mimics")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing phantom set in --out")
+    p.set_defaults(handler=_run_phantom)
+
+
+def _run_phantom(args: argparse.Namespace) -> int:
+    from .phantom import write_phantom_set
+
+    levels = tuple(name.strip().upper() for name in args.levels.split(",") if name.strip())
+    manifest = write_phantom_set(
+        args.out, args.cases, args.seed, overwrite=args.overwrite, report=print, levels=levels,
+        lesion_rate=args.lesion_rate, mimic_rate=args.mimic_rate,
+    )
+    print(f"wrote manifest {manifest}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score Hide-and-Seek and three baselines against lesion truth (e.g. a held-out phantom set)",
+        description="Runs the model on the mid-sagittal slice of every vertebra of a manifest with a 'lesions' "
+        "column, tunes the baselines' thresholds on a validation split of the vertebrae, and scores every method on "
+        "the rest: lesion F1, Dice, mimic false positives, classifier AUC, 95 %% bootstrap intervals. Writes "
+        "metrics.json, table.md and examples.png to --out.",
+    )
+    p.add_argument("--manifest", required=True, help="manifest CSV with lesions (and mimics) columns")
+    p.add_argument("--out", required=True, help="folder to write (refused when it exists, unless --overwrite)")
+    p.add_argument("--val-fraction", type=float, default=0.25, help="vertebrae used to tune the baselines")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--slices", help="cache of the extracted mid slices (.npz): read when it exists, else written")
+    _add_model_options(p)
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .attribution import HideAndSeek
+    from .bundle import load_bundle
+    from .dataset import SliceSet, build_slice_set
+    from .device import resolve_device
+    from .evaluation import evaluate, examples_figure, markdown_table
+    from .io import atomic_output_dir, check_output_dir
+    from .pipeline import default_model_path, resolve_settings
+
+    _apply_threads(args)
+    check_output_dir(args.out, args.overwrite)
+    bundle = load_bundle(args.model or default_model_path(), device=resolve_device(args.device))
+    overrides = {} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}
+    preset, settings = resolve_settings(bundle, args.preset, overrides)
+    cache = Path(args.slices) if args.slices else None
+    if cache is not None and cache.is_file():
+        data = SliceSet.load(cache)
+    else:
+        data = build_slice_set(args.manifest, bundle.preprocessing, mode="mid", progress=lambda i, n: print(
+            f"\rextracting mid slices: vertebra {i}/{n}", end="", file=sys.stderr, flush=True))
+        print(file=sys.stderr)
+        if cache is not None:
+            data.save(cache)
+    if not data.lesions.any():
+        raise InputError(f"{args.manifest}: no lesion truth (a 'lesions' column with non-empty masks) to score")
+    method = HideAndSeek(bundle.dae, bundle.diffusion, bundle.classifier, settings)
+    result = evaluate(bundle, data, method, val_fraction=args.val_fraction, seed=args.seed, reps=args.bootstrap,
+                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = {"model": {"name": bundle.name, "version": bundle.version, "path": str(bundle.path)},
+              "preset": preset, "settings": settings.to_dict(), "manifest": str(args.manifest),
+              "command": "hideseek " + " ".join(sys.argv[1:]), **result.report}
+    table = markdown_table(result.report)
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+        (tmp / "table.md").write_text(table)
+        examples_figure(result, data, tmp / "examples.png")
+    print(table)
+    print(f"classifier AUC {result.report['classifier auc']:.3f}; wrote {args.out}/: metrics.json, table.md, "
+          "examples.png")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="segment a built-in synthetic CT with the bundled model and compare with its known lesions",
+        description="Generates a phantom CT (T12-L3 with lytic, blastic and mixed metastases and benign mimics), "
+        "runs 'segment' on it and writes the usual outputs plus input/ (the CT, its vertebra labels and the lesion "
+        "truth, to open in 3D Slicer) and demo.json (truth beside findings).",
+    )
+    p.add_argument("--out", default="hideseek-demo", help="output folder (default: ./hideseek-demo)")
+    _add_run_options(p)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _apply_threads(args)
+    overrides = {} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}
+    printer = _ProgressPrinter("none" if args.quiet else args.progress)
+    try:
+        result, comparison = run_demo(args.out, overwrite=args.overwrite, model=args.model, preset=args.preset,
+                                      overrides=overrides, device=args.device, progress=printer)
+    finally:
+        printer.close()
+    if args.quiet:
+        return 0
+    print(f"model {result.run['model']['name']} ({result.run['model']['path']}), preset {result.run['preset']}, "
+          f"{result.run['timing_s']['total']:.0f} s")
+    print("vertebra  truth (lytic/blastic, mimics)            found (lytic/blastic)   P(malignant)")
+    for row in comparison["vertebrae"]:
+        truth = f"{row['truth_lytic']}/{row['truth_blastic']}  {', '.join(row['mimics']) or '-'}"
+        p = "-" if row["p_malignant"] is None else f"{row['p_malignant']:.2f}"
+        print(f"  {row['level']:<6}  {truth:<40} {row['found_lytic']}/{row['found_blastic']:<20}  {p}")
+    print(f"wrote {args.out}/: overview.png (look here first), lesions.seg.nrrd (open with input/ct.nii.gz in 3D "
+          "Slicer), lesions.nii.gz, report.json, report.csv, demo.json, input/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hideseek",
@@ -161,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hideseek {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add in (_add_import_published, _add_segment):
+    for add in (_add_demo, _add_segment, _add_phantom, _add_train, _add_evaluate, _add_import_published):
         add(sub)
     return parser
 

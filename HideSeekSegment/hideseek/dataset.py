@@ -41,8 +41,9 @@ class SliceSet:
         return len(self.images)
 
     def subset(self, keep: np.ndarray) -> SliceSet:
-        return SliceSet(**{f.name: getattr(self, f.name)[keep] if f.name != "names" else self.names
-                           for f in fields(self)})
+        return SliceSet(
+            **{f.name: getattr(self, f.name)[keep] if f.name != "names" else self.names for f in fields(self)}
+        )
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -82,9 +83,11 @@ def build_slice_set(
     preprocessing: Preprocessing,
     *,
     central_fraction: float = 0.5,
+    mode: str = "3d",
     progress: Callable[[int, int], None] | None = None,
 ) -> SliceSet:
-    """Every sagittal slice through the central ``central_fraction`` of each body's left-right width.
+    """Every sagittal slice through the central ``central_fraction`` of each body's left-right width
+    (``mode="3d"``, for training), or the one mid-sagittal slice the method uses (``mode="mid"``, for evaluation).
 
     Lateral slices of a malignant vertebra often miss its lesions; keeping the central part keeps the
     vertebra-level label true for most slices.
@@ -102,7 +105,7 @@ def build_slice_set(
         vertebra = next((v for v in labels.vertebrae if v.label == int(row["label"])), None)
         if vertebra is None:
             raise InputError(f"manifest row {i + 2}: label {row['label']} is not in {row['vertebrae']}")
-        _add_vertebra(parts, ct, labels, vertebra, row, preprocessing, central_fraction, len(names))
+        _add_vertebra(parts, ct, labels, vertebra, row, preprocessing, central_fraction, mode, len(names))
         names.append(f"{row.get('case', Path(row['ct']).name)}/{row.get('level', vertebra.level)}")
         if progress is not None:
             progress(i + 1, len(rows))
@@ -110,10 +113,12 @@ def build_slice_set(
     return SliceSet(names=np.array(names), **stacked)
 
 
-def _add_vertebra(parts, ct, labels, vertebra: Vertebra, row, prep: Preprocessing, central: float, vid: int) -> None:
+def _add_vertebra(
+    parts, ct, labels, vertebra: Vertebra, row, prep: Preprocessing, central: float, mode: str, vid: int
+) -> None:
     body_mask = sitk.ReadImage(row["body"]) if row.get("body") else None
     body, _ = vertebral_body(labels, vertebra, body_mask)
-    slices = extract_vertebra_slices(ct, body, prep, "3d", level=vertebra.level)
+    slices = extract_vertebra_slices(ct, body, prep, mode, level=vertebra.level)
     n = len(slices.images)
     drop = round(n * (1 - central) / 2)
     keep = slice(drop, max(drop + 1, n - drop))

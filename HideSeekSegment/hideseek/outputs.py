@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -34,8 +35,17 @@ def csv_rows(report: dict) -> list[dict]:
     return rows
 
 
-def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """lesions.nii.gz, lesions.seg.nrrd, report.json, report.csv and overview.png in ``out_dir``."""
+def write_outputs(
+    result: SegmentationResult,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """lesions.nii.gz, lesions.seg.nrrd, report.json, report.csv and overview.png in ``out_dir``.
+
+    ``extra(folder)`` may add files of its own; they land together with the rest, or not at all.
+    """
     report = result.report()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         sitk.WriteImage(result.lesions, str(tmp / "lesions.nii.gz"), useCompression=True)
@@ -47,4 +57,6 @@ def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, *, ove
             writer.writerows(csv_rows(report))
         title = f"{report['model']['name']} · preset {report['preset']} · mode {report['mode']}"
         render_overview(result.overview_panels(), tmp / "overview.png", title=title)
+        if extra is not None:
+            extra(tmp)
     return Path(out_dir)

@@ -5,8 +5,8 @@ trained end to end. Because the healthy edit only works when the decoder relies 
 code) for lesion content, timesteps can be drawn with extra weight at high noise levels, where x_t carries
 almost nothing and z must carry the image (``high_noise_fraction``).
 
-Resumable state (``state.safetensors`` + ``state.json``): the raw weights in float32, the EMA weights in
-float32 and the Adam moments in bfloat16 — small enough to commit between sessions.
+Resumable state (``Trainer.save_state``): the raw weights and the EMA in float32, the Adam moments in bfloat16,
+each in its own file, so that the part worth committing between sessions (the weights) stays small.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .attribution import AttributionSettings, HideAndSeek, settings_for
-from .bundle import save_bundle
+from .bundle import read_bundle_manifest, save_bundle
 from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
+from .device import bf16_is_fast
+from .errors import BundleError
 from .metrics import edit_efficacy
 from .network import DAEConfig, DiffusionAutoencoder
 from .preprocessing import Preprocessing
@@ -50,7 +52,7 @@ class TrainConfig:
     high_noise_from: float = 0.5
     augment_shift_px: int = 2  # random translation (reflect-padded)
     augment_intensity: float = 0.05  # random gain/offset in the normalised range
-    bf16: bool = True  # autocast on CPU (about 2x faster there) and on recent GPUs
+    bf16: bool = True  # autocast where the device runs bf16 natively (device.bf16_is_fast), else float32
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 250
@@ -94,6 +96,8 @@ class Trainer:
         ac = torch.tensor(alphas_cumprod(diffusion), dtype=torch.float32)
         self._sqrt_ac, self._sqrt_1m_ac = ac.sqrt().to(device), (1 - ac).sqrt().to(device)
         self._rng = torch.Generator().manual_seed(cfg.seed)
+        self._bf16 = cfg.bf16 and bf16_is_fast(device.type)
+        self._warmup_from = 0  # a resume without optimizer state warms up again
 
     # -- one step -------------------------------------------------------------------------------------
 
@@ -123,13 +127,13 @@ class Trainer:
         t = self._timesteps(x0.shape[0]).to(self.device)
         noise = torch.randn(x0.shape, generator=self._rng).to(self.device)
         xt = self._sqrt_ac[t][:, None, None, None] * x0 + self._sqrt_1m_ac[t][:, None, None, None] * noise
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
             cond = self.model.encode(x0)
             pred = self.model(xt, t, cond)
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
     def _lr(self) -> float:
-        return self.cfg.lr * min(1.0, (self.step + 1) / max(1, self.cfg.warmup_steps))
+        return self.cfg.lr * min(1.0, (self.step - self._warmup_from + 1) / max(1, self.cfg.warmup_steps))
 
     def train_step(self, x0: torch.Tensor) -> float:
         self.model.train()
@@ -161,8 +165,9 @@ class Trainer:
         """Train on ``images`` (N, H, W) in the model's intensity range until ``cfg.steps`` or the budget."""
         data = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
         if data.shape[-1] != self.cfg.dae_config().image_size:
-            raise ValueError(f"slices are {tuple(data.shape[-2:])} but the model expects "
-                             f"{self.cfg.dae_config().image_size} px")
+            raise ValueError(
+                f"slices are {tuple(data.shape[-2:])} but the model expects {self.cfg.dae_config().image_size} px"
+            )
         order_rng = np.random.default_rng(self.cfg.seed + self.step)
         start, losses = time.monotonic(), []
         session_steps = 0
@@ -175,9 +180,13 @@ class Trainer:
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 now = time.monotonic() - start
                 rate = now / session_steps
-                record = {"step": self.step, "steps": self.cfg.steps, "loss": float(np.mean(losses)),
-                          "elapsed_s": round(self.elapsed_s + now, 1),
-                          "eta_s": round(rate * (self.cfg.steps - self.step), 1)}
+                record = {
+                    "step": self.step,
+                    "steps": self.cfg.steps,
+                    "loss": float(np.mean(losses)),
+                    "elapsed_s": round(self.elapsed_s + now, 1),
+                    "eta_s": round(rate * (self.cfg.steps - self.step), 1),
+                }
                 self.history.append(record)
                 losses = []
                 if progress is not None:
@@ -198,51 +207,98 @@ class Trainer:
     # -- resumable state ------------------------------------------------------------------------------
 
     def save_state(self, state_dir: Path) -> None:
-        """Write the state atomically (temp files renamed into place)."""
+        """Write the state atomically (temp files renamed into place), one file per part.
+
+        ``weights`` (float32) and ``state.json`` are enough to resume; ``ema`` and ``optimizer`` (Adam moments in
+        bfloat16) make the resume exact. Only the first two need to travel between sessions (see ``resume``).
+        """
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tensors |= {f"ema.{k}": v.detach().float().cpu().contiguous() for k, v in self.ema.state_dict().items()}
-        names = dict(self.model.named_parameters())
-        index = {id(p): n for n, p in names.items()}
-        adam_steps = {}
+        index = {id(p): n for n, p in self.model.named_parameters()}
+        moments, adam_steps = {}, {}
         for p, st in self.opt.state.items():
             name = index[id(p)]
-            tensors[f"adam_m.{name}"] = st["exp_avg"].detach().to(torch.bfloat16).cpu().contiguous()
-            tensors[f"adam_v.{name}"] = st["exp_avg_sq"].detach().to(torch.bfloat16).cpu().contiguous()
+            moments[f"m.{name}"] = st["exp_avg"].detach().to(torch.bfloat16).cpu().contiguous()
+            moments[f"v.{name}"] = st["exp_avg_sq"].detach().to(torch.bfloat16).cpu().contiguous()
             adam_steps[name] = float(st["step"])
-        meta = {"step": self.step, "elapsed_s": round(self.elapsed_s, 1), "config": self.cfg.to_dict(),
-                "diffusion": self.diffusion.to_dict(), "history": self.history, "adam_steps": adam_steps,
-                "rng": self._rng.get_state().tolist()}
-        tmp = state_dir / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(state_dir / "state.safetensors")
+        parts = {WEIGHTS_FILE: _float_tensors(self.model), EMA_FILE: _float_tensors(self.ema), OPTIMIZER_FILE: moments}
+        for filename, tensors in parts.items():
+            tmp = state_dir / (filename + ".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(state_dir / filename)
+        meta = {
+            "step": self.step,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "config": self.cfg.to_dict(),
+            "diffusion": self.diffusion.to_dict(),
+            "history": self.history,
+            "adam_steps": adam_steps,
+            "rng": self._rng.get_state().tolist(),
+        }
         tmp_json = state_dir / "state.json.tmp"
         tmp_json.write_text(json.dumps(meta, indent=1))
         tmp_json.replace(state_dir / "state.json")
 
     @classmethod
-    def resume(cls, state_dir: Path, device: torch.device, **overrides) -> Trainer:
-        """Continue a run; ``overrides`` may change e.g. ``steps`` (not the architecture)."""
+    def resume(cls, state_dir: Path, device: torch.device, ema_fallback: Path | None = None, **overrides) -> Trainer:
+        """Continue a run; ``overrides`` may change e.g. ``steps`` (not the architecture).
+
+        Without ``ema.safetensors`` the EMA is read from ``ema_fallback`` (the run's bundle weights, written at
+        the same step) or restarted from the weights; without ``optimizer.safetensors`` Adam restarts with a
+        fresh warm-up. Both are logged in the history so a learning curve shows where a resume was inexact.
+        """
         state_dir = Path(state_dir)
         meta = json.loads((state_dir / "state.json").read_text())
         cfg_dict = meta["config"] | overrides
         if cfg_dict["architecture"] != meta["config"]["architecture"]:
             raise ValueError("the architecture of a run cannot change when resuming")
         trainer = cls(TrainConfig(**cfg_dict), DiffusionConfig.from_dict(meta["diffusion"]), device)
-        tensors = load_file(str(state_dir / "state.safetensors"))
-        trainer.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        trainer.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        for name, p in trainer.model.named_parameters():
-            if f"adam_m.{name}" in tensors:
-                trainer.opt.state[p] = {
-                    "step": torch.tensor(meta["adam_steps"][name]),
-                    "exp_avg": tensors[f"adam_m.{name}"].float().to(device),
-                    "exp_avg_sq": tensors[f"adam_v.{name}"].float().to(device),
-                }
+        trainer.model.load_state_dict(load_file(str(state_dir / WEIGHTS_FILE)))
+        notes = []
+        if (state_dir / EMA_FILE).is_file():
+            trainer.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
+        elif ema_fallback is not None and Path(ema_fallback).is_file():
+            trainer.ema.load_state_dict(load_file(str(ema_fallback)))
+            notes.append("ema from bundle")
+        else:
+            trainer.ema.load_state_dict(trainer.model.state_dict())
+            notes.append("ema restarted")
         trainer.step, trainer.elapsed_s, trainer.history = meta["step"], meta["elapsed_s"], meta["history"]
+        if (state_dir / OPTIMIZER_FILE).is_file():
+            moments = load_file(str(state_dir / OPTIMIZER_FILE))
+            for name, p in trainer.model.named_parameters():
+                if f"m.{name}" in moments:
+                    trainer.opt.state[p] = {
+                        "step": torch.tensor(meta["adam_steps"][name]),
+                        "exp_avg": moments[f"m.{name}"].float().to(device),
+                        "exp_avg_sq": moments[f"v.{name}"].float().to(device),
+                    }
+        else:
+            trainer._warmup_from = trainer.step
+            notes.append("optimizer restarted")
+        if notes:
+            trainer.history.append({"step": trainer.step, "resume": ", ".join(notes)})
         trainer._rng.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
         return trainer
+
+
+WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors", "optimizer.safetensors"
+"""Parts of a training state; a compact copy between sessions keeps only the weights (see save_state)."""
+
+
+def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
+    """The bundle's weights when the bundle was written at the state's step: then they are exactly its EMA."""
+    try:
+        manifest = read_bundle_manifest(out_dir)
+    except BundleError:
+        return None
+    step = json.loads((state_dir / "state.json").read_text())["step"]
+    weights = Path(out_dir) / manifest["weights"]["file"]
+    return weights if manifest["version"] == str(step) and weights.is_file() else None
+
+
+def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 # -- from slices to a bundle ----------------------------------------------------------------------------------
@@ -262,8 +318,10 @@ def split_by_vertebra(vertebra: np.ndarray, malignant: np.ndarray, fraction: flo
 @torch.inference_mode()
 def encode_latents(model: DiffusionAutoencoder, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     device = next(model.parameters()).device
-    out = [model.encode(torch.from_numpy(images[i : i + batch])[:, None].to(device)).float().cpu()
-           for i in range(0, len(images), batch)]
+    out = [
+        model.encode(torch.from_numpy(images[i : i + batch])[:, None].to(device)).float().cpu()
+        for i in range(0, len(images), batch)
+    ]
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -317,11 +375,12 @@ def train_bundle(
     held = split_by_vertebra(slices.vertebra, slices.malignant, 0.1, cfg.seed)
     train, val = slices.subset(~held), slices.subset(held)
     if (state_dir / "state.json").is_file():
-        trainer = Trainer.resume(state_dir, device, steps=cfg.steps)
+        trainer = Trainer.resume(state_dir, device, ema_fallback=_bundle_ema(out_dir, state_dir), steps=cfg.steps)
     else:
         trainer = Trainer(cfg, diffusion, device)
-    curve: list[dict] = json.loads((state_dir / "curve.json").read_text()) if (state_dir / "curve.json").is_file() \
-        else []
+    curve: list[dict] = (
+        json.loads((state_dir / "curve.json").read_text()) if (state_dir / "curve.json").is_file() else []
+    )
     quick = settings_for("fast", encode_steps=20, decode_steps=20)
 
     def evaluate(t: Trainer) -> None:
@@ -336,17 +395,36 @@ def train_bundle(
         if progress is not None:
             progress({"eval": point})
 
-    trainer.run(train.images, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress,
-                on_checkpoint=evaluate)
+    trainer.run(
+        train.images, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress, on_checkpoint=evaluate
+    )
     classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed)
     card = {
         "summary": f"Diffusion autoencoder + latent classifier trained with hideseek {__version__}.",
-        "training": {"config": cfg.to_dict(), "steps": trainer.step, "elapsed_s": round(trainer.elapsed_s, 1),
-                     "device": str(device), "slices_train": len(train), "slices_val": len(val),
-                     "vertebrae": len(np.unique(slices.vertebra)),
-                     "malignant_fraction": round(float(slices.malignant.mean()), 3), "loss": trainer.history[-20:]},
+        "training": {
+            "config": cfg.to_dict(),
+            "steps": trainer.step,
+            "elapsed_s": round(trainer.elapsed_s, 1),
+            "device": str(device),
+            "slices_train": len(train),
+            "slices_val": len(val),
+            "vertebrae": len(np.unique(slices.vertebra)),
+            "malignant_fraction": round(float(slices.malignant.mean()), 3),
+            "loss": trainer.history[-20:],
+        },
         "metrics": {"learning_curve": curve},
         "provenance": provenance or {},
     }
-    return save_bundle(out_dir, trainer.ema, diffusion, preprocessing, classifier, name=name, version=str(trainer.step),
-                       method={"default_preset": "fast"}, card=card, fit_info=fit_info, overwrite=overwrite)
+    return save_bundle(
+        out_dir,
+        trainer.ema,
+        diffusion,
+        preprocessing,
+        classifier,
+        name=name,
+        version=str(trainer.step),
+        method={"default_preset": "fast"},
+        card=card,
+        fit_info=fit_info,
+        overwrite=overwrite,
+    )

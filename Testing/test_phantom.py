@@ -1,0 +1,100 @@
+"""The phantom generator: deterministic, literature HU ranges, masks that match the CT, files the pipeline reads."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from hideseek import phantom as P
+from hideseek.cli import main
+from hideseek.errors import InputError
+from hideseek.io import read_ct
+from hideseek.vertebrae import load_vertebra_labels
+
+SMALL = {"levels": ("L1", "L2"), "spacing": 1.2, "size": (120.0, 140.0)}
+
+
+@pytest.fixture(scope="module")
+def case():
+    # seed 3 with every level malignant and carrying mimics: all structures occur
+    return P.generate_case(3, lesion_rate=1.0, mimic_rate=1.0, orientation="LPS", **SMALL)
+
+
+def test_a_case_is_a_pure_function_of_its_seed():
+    a = P.generate_case(7, **SMALL)
+    b = P.generate_case(7, **SMALL)
+    c = P.generate_case(8, **SMALL)
+    assert np.array_equal(a.ct, b.ct) and np.array_equal(a.lesions, b.lesions)
+    assert a.ct.shape != c.ct.shape or not np.array_equal(a.ct, c.ct)
+
+
+def _median_hu(case, tissue: int) -> float:
+    return float(np.median(case.ct[case.tissue == tissue]))
+
+
+def test_tissues_lie_in_their_literature_ranges(case):
+    # medians of the noisy CT per dominant tissue; ranges from docs/phantom.md with room for noise and partial volume
+    assert 55 <= _median_hu(case, P.DISC) <= 90
+    assert 60 <= _median_hu(case, P.CANCELLOUS) <= 280
+    assert 380 <= _median_hu(case, P.CORTEX) <= 1000
+    assert -110 <= _median_hu(case, P.FAT) <= -40
+    assert 10 <= _median_hu(case, P.LYTIC_T) <= 80
+    assert 400 <= _median_hu(case, P.BLASTIC_T) <= 900
+    assert case.ct.dtype == np.int16
+
+
+def test_lesions_and_mimics_sit_in_their_own_malignant_or_mimic_vertebra(case):
+    for rec in case.records:
+        own = case.vertebrae == rec.label
+        lesion_voxels = int(((case.lesions > 0) & own).sum())
+        assert (lesion_voxels > 0) == rec.malignant
+        assert lesion_voxels == sum(les.n_voxels for les in rec.lesions)
+        assert rec.n_lytic + rec.n_blastic <= 4
+    inside = case.vertebrae[case.lesions > 0]
+    assert inside.all(), "every lesion voxel belongs to a vertebra"
+    assert ((case.lesions > 0) & (case.body > 0)).sum() >= 0.8 * (case.lesions > 0).sum()
+    assert any(rec.mimic_kinds for rec in case.records)
+    assert not (case.mimics[case.lesions > 0]).any(), "a voxel is a lesion or a mimic, never both"
+
+
+def test_mimic_only_vertebrae_are_labelled_healthy():
+    case = P.generate_case(5, lesion_rate=0.0, mimic_rate=1.0, **SMALL)
+    assert all(not r.malignant for r in case.records)
+    assert (case.lesions == 0).all()
+    assert any(r.mimic_kinds for r in case.records if r.in_levels)
+
+
+@pytest.mark.parametrize("code", ["RAS", "PIR"])
+def test_orientations_are_the_same_anatomy(code):
+    lps = P.generate_case(9, orientation="LPS", **SMALL)
+    other = P.generate_case(9, orientation=code, **SMALL)
+    assert np.array_equal(P.to_canonical(other.vertebrae, code), P.to_canonical(lps.vertebrae, "LPS"))
+    assert other.orientation == code
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(InputError, match="lesion_rate"):
+        P.generate_case(1, lesion_rate=1.5)
+    with pytest.raises(InputError, match="level"):
+        P.generate_case(1, levels=("L1", "X9"))
+
+
+def test_cli_writes_a_set_the_pipeline_reads(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--seed", "4", "--levels", "L1,L2"]) == 0
+    assert "case_0000" in capsys.readouterr().out
+    with (out / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == P.MANIFEST_COLUMNS
+    assert [r["level"] for r in rows] == ["L1", "L2"]
+    ct = read_ct(out / rows[0]["ct"])
+    labels = load_vertebra_labels(out / rows[0]["vertebrae"], reference=ct)
+    assert {v.level for v in labels.vertebrae} >= {"L1", "L2"}
+    assert {int(r["label"]) for r in rows} == {P.TS_LABELS["L1"], P.TS_LABELS["L2"]}
+    # an existing set is never replaced silently
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--seed", "5"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
