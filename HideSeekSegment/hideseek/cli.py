@@ -78,6 +78,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-non-hu", action="store_true",
                    help="accept a CT whose intensities are not Hounsfield units (e.g. already normalised)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write lesions.dcm, a DICOM Segmentation referencing the input series (DICOM input only)")
     _add_run_options(p)
     p.set_defaults(handler=_run_segment)
 
@@ -122,13 +124,23 @@ def _apply_threads(args: argparse.Namespace) -> None:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from .io import check_output_dir, read_ct
+    from pathlib import Path
+
+    from .io import check_output_dir, dicom_series_files, read_ct
     from .outputs import write_outputs
     from .pipeline import segment_ct
 
     check_output_dir(args.out, args.overwrite)  # fail before the long computation, not after
     _apply_threads(args)
     ct = read_ct(args.ct, series_uid=args.series, require_hu=not args.allow_non_hu)
+    series_files = dicom_series_files(ct)
+    if args.dicom_seg and series_files is None:
+        raise InputError(f"--dicom-seg needs a DICOM series as --ct (a DICOM SEG references its source images), "
+                         f"but {args.ct} is a {Path(args.ct).suffix or 'non-DICOM'} file: omit --dicom-seg")
+    if args.dicom_seg:
+        from .dicomseg import check_referencable, write_dicom_seg
+
+        check_referencable(series_files, args.ct)
     overrides = {} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}
     printer = _ProgressPrinter("none" if args.quiet else args.progress)
     try:
@@ -140,7 +152,13 @@ def _run_segment(args: argparse.Namespace) -> int:
     finally:
         printer.close()
     result.run["input"]["ct"] = str(args.ct)
-    out = write_outputs(result, args.out, overwrite=args.overwrite)
+    extra = None
+    if args.dicom_seg:
+
+        def extra(folder):
+            write_dicom_seg(result.lesions, series_files, folder / "lesions.dcm")
+
+    out = write_outputs(result, args.out, overwrite=args.overwrite, extra=extra)
     if args.progress == "json":
         print(json.dumps({"stage": "done", "out": str(out)}), flush=True)
     elif not args.quiet:
@@ -368,6 +386,43 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="segment a cohort listed in a CSV (resumable; local processes or a Dask cluster)",
+        description="One output folder per case in --out, a log per case in --out/logs and --out/summary.csv. "
+        "Finished cases (with report.json) are skipped, so run the same command again to resume or to retry "
+        "failed cases. Manifest columns: ct, vertebrae [, case, subregions, body_mask, label_format, levels].",
+    )
+    p.add_argument("manifest", help="CSV with one row per case (or per vertebra: rows of one case are merged)")
+    p.add_argument("--out", required=True, help="output folder (created; existing results are kept and skipped)")
+    p.add_argument("--mode", default="mid", choices=["mid", "3d"], help="as in 'hideseek segment'")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--scheduler", help="address of a Dask distributed scheduler (tcp://host:8786) instead of "
+                   "local processes; workers need hideseek installed and the files at the same paths")
+    _add_model_options(p)
+    p.set_defaults(handler=_run_batch)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from .batch import RunOptions, run_batch
+
+    options = RunOptions(model=args.model, preset=args.preset, delta_threshold=args.delta_threshold,
+                         mode=args.mode, device=args.device, threads=args.threads)
+    counts: dict[str, int] = {}
+
+    def report(row: dict) -> None:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        detail = row.get("error") or (f"{row.get('n_lytic', 0)} lytic, {row.get('n_blastic', 0)} blastic in "
+                                      f"{row.get('seconds')} s" if row["status"] == "done" else "")
+        print(f"{row['case']}: {row['status']}{' - ' + detail if detail else ''}", flush=True)
+
+    summary = run_batch(args.manifest, args.out, options, workers=args.workers, scheduler=args.scheduler,
+                        report=report)
+    print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'nothing to do'}; summary: {summary}")
+    return 1 if counts.get("failed") else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hideseek",
@@ -376,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hideseek {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_segment, _add_phantom, _add_train, _add_evaluate, _add_import_published):
+    for add in (_add_demo, _add_segment, _add_batch, _add_phantom, _add_train, _add_evaluate, _add_import_published):
         add(sub)
     return parser
 

@@ -54,6 +54,8 @@ SLICE_GAP_RTOL = 0.2
 META_PREFIX = "hideseek_"
 """Prefix of the metadata that ``read_ct`` attaches to the image (source, DICOM series, modality...)."""
 
+SERIES_KEY = "dicom_series_key"
+
 _DICOM_TAGS = {
     "series_uid": "0020|000e",
     "series_description": "0008|103e",
@@ -89,6 +91,14 @@ def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, require_h
     return image
 
 
+def dicom_series_files(image: sitk.Image) -> list[str] | None:
+    """The files, in slice order, of the DICOM series ``read_ct`` read ``image`` from; None for other inputs."""
+    if META_PREFIX + SERIES_KEY not in image.GetMetaDataKeys():
+        return None
+    series = _dicom_series(Path(image.GetMetaData(META_PREFIX + "source")))
+    return series.get(image.GetMetaData(META_PREFIX + SERIES_KEY))
+
+
 def describe_ct(image: sitk.Image) -> dict[str, object]:
     """What the report says about the CT: grid, axis orientation code (e.g. LPS) and where it came from."""
     info: dict[str, object] = {
@@ -97,7 +107,7 @@ def describe_ct(image: sitk.Image) -> dict[str, object]:
         "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()),
     }
     for key in image.GetMetaDataKeys():
-        if key.startswith(META_PREFIX):
+        if key.startswith(META_PREFIX) and key != META_PREFIX + SERIES_KEY:
             info[key.removeprefix(META_PREFIX)] = image.GetMetaData(key)
     return info
 
@@ -342,7 +352,8 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image
     if modality and modality != "CT":
         raise InputError(f"DICOM series {uid!r} in {folder} is {modality}, not CT: give a CT series")
     _check_slice_spacing(reader, image, folder)
-    return image, {k: v for k, v in info.items() if v}
+    # GDCM's key of the series (may be empty when the files lack a UID): how dicom_series_files finds them again
+    return image, {**{k: v for k, v in info.items() if v}, SERIES_KEY: uid}
 
 
 def _dicom_series(folder: Path) -> dict[str, list[str]]:
