@@ -51,8 +51,8 @@ the TotalSegmentator extension). Results: a segmentation with a lytic and a blas
 For research only, not for clinical use. See the <a href="{README_URL}">documentation</a>.
 """
         self.parent.acknowledgementText = f"""
-Method: M. Atad et al., Hide-and-Seek Attribution: weakly supervised segmentation of vertebral metastases in CT,
-<a href="{PAPER_URL}">arXiv:2512.06849</a>. Please cite it when you use this module.
+Method: M. Atad et al., Hide-and-Seek Attribution, <a href="{PAPER_URL}">arXiv:2512.06849</a>.
+Please cite it when you use this module.
 """
         slicer.app.connect("startupCompleted()", self.loadTerminology)
 
@@ -305,6 +305,7 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._parameterNode.outputSegmentation = result.segmentation
         self.showResult(result.table)
+        self.showOnViews(result)
         lesions = len(result.report["lesions"])
         self.ui.statusLabel.text = f"Done: {lesions} lesion{'s' if lesions != 1 else ''} found."
 
@@ -331,6 +332,14 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showResult(self, table):
         self.ui.resultsTableView.setMRMLTableNode(table)
         self.ui.reviewButton.enabled = table is not None
+
+    def showOnViews(self, result):
+        """The CT under the new segments, and every slice view centred on the first lesion (if any)."""
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=True)
+        result.segmentation.GetDisplayNode().SetVisibility(True)
+        if result.report["lesions"]:
+            r, a, s = result.report["lesions"][0]["centroid_ras"]
+            slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
 
     def onReviewButton(self):
         segmentation = self._parameterNode.outputSegmentation

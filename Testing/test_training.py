@@ -118,6 +118,31 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
                         device=torch.device("cpu"), classifier_C=0.01, eval_every=20, overwrite=True)
     assert [p["step"] for p in load_bundle(out2).card["metrics"]["learning_curve"]] == [20, 40, 60]
+    card_md = (out2 / "MODEL_CARD.md").read_text()
+    assert "| 60 |" in card_md and (out2 / "learning_curve.png").stat().st_size > 0
+
+
+def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_reexports(tmp_path):
+    """What travels between sessions is weights + state.json (+ the bundle): the rest is rebuilt."""
+    from hideseek.bundle import load_bundle
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import EMA_FILE, OPTIMIZER_FILE, train_bundle
+
+    prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    state, bundle_dir = tmp_path / "state", tmp_path / "bundle"
+    train_bundle(_toy_slice_set(), bundle_dir, state, _cfg(steps=20), prep, device=torch.device("cpu"),
+                 classifier_C=0.01, eval_every=20, name="toy")
+    ema_before = load_bundle(bundle_dir).dae.state_dict()
+    (state / EMA_FILE).unlink()
+    (state / OPTIMIZER_FILE).unlink()
+    text = {"intended_use": "demonstration only", "limitations": "synthetic data"}
+    out = train_bundle(_toy_slice_set(), bundle_dir, state, _cfg(steps=20), prep, device=torch.device("cpu"),
+                       classifier_C=0.01, time_budget_s=0, overwrite=True, card_text=text, name="toy")
+    bundle = load_bundle(out)
+    assert bundle.version == "20" and bundle.card["intended_use"] == "demonstration only"
+    for name, tensor in bundle.dae.state_dict().items():
+        assert torch.equal(tensor, ema_before[name]), f"the EMA came back from the bundle exactly: {name}"
+    assert "synthetic data" in (out / "MODEL_CARD.md").read_text()
 
 
 def test_split_keeps_vertebrae_whole():

@@ -186,11 +186,13 @@ def save_bundle(
     card: dict | None = None,
     fit_info: dict | None = None,
     overwrite: bool = False,
+    extra: Callable[[Path, dict], None] | None = None,
 ) -> Path:
     """Write a bundle folder atomically and return its path.
 
     ``overwrite=True`` replaces an existing bundle (never a folder that is not one). ``fit_info`` (e.g. the
-    dict from ``fit_latent_classifier``) is stored as ``classifier.fit``.
+    dict from ``fit_latent_classifier``) is stored as ``classifier.fit``. ``extra(folder, manifest)`` may add
+    files derived from the manifest (e.g. a Markdown model card); they land with the bundle or not at all.
     """
     out = Path(out_dir).absolute()
     for label, value in (("name", name), ("version", version)):
@@ -234,6 +236,8 @@ def save_bundle(
         manifest["weights"]["sha256"] = file_sha256(folder / WEIGHTS_NAME)
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
         read_bundle_manifest(folder)  # what we wrote must read back
+        if extra is not None:
+            extra(folder, manifest)
 
     _write_atomically(out, write, overwrite)
     return out

@@ -203,6 +203,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is the default)")
+    p.add_argument("--card", help="JSON file with the model card's prose: summary, intended_use, licence, limitations")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.set_defaults(handler=_run_train)
 
@@ -220,6 +221,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train_bundle
 
     _apply_threads(args)
+    card_text = _read_card_text(args.card) if args.card else None
     prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
         if args.intensity == "hu_window" else Preprocessing()
     cache = Path(args.slices) if args.slices else None
@@ -249,10 +251,22 @@ def _run_train(args: argparse.Namespace) -> int:
         time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
         classifier_C=args.classifier_c or None, eval_every=args.eval_every, name=args.name,
         provenance={"manifest": str(args.manifest), "command": "hideseek " + " ".join(sys.argv[1:])},
-        progress=report, overwrite=args.overwrite,
+        progress=report, overwrite=args.overwrite, card_text=card_text,
     )
     print(f"\nwrote model bundle {out}", file=sys.stderr)
     return 0
+
+
+def _read_card_text(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--card {path}: cannot read it as JSON ({exc})") from exc
+    allowed = {"summary", "intended_use", "licence", "limitations"}
+    if not isinstance(text, dict) or not set(text) <= allowed or not all(isinstance(v, str) for v in text.values()):
+        raise InputError(f"--card {path}: must be a JSON object with text fields among {', '.join(sorted(allowed))}")
+    return text
 
 
 def _add_phantom(sub: argparse._SubParsersAction) -> None:

@@ -29,6 +29,7 @@ from .dataset import SliceSet
 from .device import bf16_is_fast
 from .errors import BundleError
 from .metrics import edit_efficacy
+from .modelcard import write_model_card
 from .network import DAEConfig, DiffusionAutoencoder
 from .preprocessing import Preprocessing
 from .sampler import DiffusionConfig, alphas_cumprod
@@ -368,8 +369,13 @@ def train_bundle(
     provenance: dict | None = None,
     progress: TrainProgress | None = None,
     overwrite: bool = False,
+    card_text: dict | None = None,
 ) -> Path:
-    """Train (or resume) the DAE, fit the latent classifier on its codes and write a bundle with a model card."""
+    """Train (or resume) the DAE, fit the latent classifier on its codes and write a bundle with a model card.
+
+    ``card_text`` sets the card's prose (summary, intended_use, licence, limitations); a time budget of 0
+    re-exports the bundle from the saved state without training.
+    """
     state_dir = Path(state_dir)
     diffusion = DiffusionConfig()
     held = split_by_vertebra(slices.vertebra, slices.malignant, 0.1, cfg.seed)
@@ -401,6 +407,7 @@ def train_bundle(
     classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed)
     card = {
         "summary": f"Diffusion autoencoder + latent classifier trained with hideseek {__version__}.",
+        "intended_use": "Research use only; not a medical device. Validate on your own data before relying on it.",
         "training": {
             "config": cfg.to_dict(),
             "steps": trainer.step,
@@ -414,7 +421,7 @@ def train_bundle(
         },
         "metrics": {"learning_curve": curve},
         "provenance": provenance or {},
-    }
+    } | (card_text or {})
     return save_bundle(
         out_dir,
         trainer.ema,
@@ -427,4 +434,5 @@ def train_bundle(
         card=card,
         fit_info=fit_info,
         overwrite=overwrite,
+        extra=write_model_card,
     )

@@ -1,0 +1,87 @@
+"""The human-readable model card of a trained bundle: MODEL_CARD.md and its learning-curve figure.
+
+Everything in it comes from the bundle's ``model.json`` (written by the trainer), so it cannot disagree with
+the model it describes. Slicer shows the same card fields (intended use, licence) before a model is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CURVE_FILE = "learning_curve.png"
+CARD_FILE = "MODEL_CARD.md"
+
+
+def write_model_card(folder: Path, manifest: dict) -> None:
+    card = manifest["card"]
+    training = card.get("training", {})
+    curve = card.get("metrics", {}).get("learning_curve", [])
+    cfg = training.get("config", {})
+    lines = [
+        f"# Model card: {manifest['name']} (version {manifest['version']})",
+        "",
+        card.get("summary", ""),
+        "",
+        f"**Intended use.** {card.get('intended_use') or 'not stated'}",
+        "",
+        f"**Limitations.** {card.get('limitations') or 'not stated'}",
+        "",
+        f"**Licence.** {card.get('licence') or 'not stated'}",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| command | `{card.get('provenance', {}).get('command', '?')}` |",
+        f"| data | {training.get('vertebrae', '?')} vertebrae, {training.get('slices_train', '?')} training and "
+        f"{training.get('slices_val', '?')} validation slices, {training.get('malignant_fraction', '?')} malignant |",
+        f"| network | {manifest['weights']['num_parameters']:,} parameters, "
+        f"{manifest['architecture']['image_size']} px |",
+        f"| steps | {training.get('steps', '?')} × batch {cfg.get('batch_size', '?')}, seed {cfg.get('seed', '?')}, "
+        f"high-noise fraction {cfg.get('high_noise_fraction', '?')} |",
+        f"| time | {training.get('elapsed_s', 0) / 3600:.2f} h on {training.get('device', '?')} |",
+        f"| classifier | {manifest['classifier'].get('fit', {})} |",
+        "",
+    ]
+    if curve:
+        lines += [
+            "## Learning curve (validation)",
+            "",
+            "*Edit efficacy* = mean |healthy edit − reconstruction| inside true lesions ÷ mean lesion contrast "
+            "(target ≥ 0.7); *outside ratio* = the change in the rest of the body ÷ the change in lesions "
+            "(target ≤ 0.1); *P(edit)* = P(malignant) of the re-encoded edit (should fall towards 0).",
+            "",
+            f"![learning curve]({CURVE_FILE})",
+            "",
+            "| step | hours | val AUC | edit efficacy | outside ratio | P(edit) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {p['step']} | {p['elapsed_s'] / 3600:.2f} | {p.get('val_auc', float('nan')):.3f} | "
+            f"{p.get('efficacy', float('nan')):.3f} | {p.get('outside_ratio', float('nan')):.2f} | "
+            f"{p.get('p_reencoded_edit', float('nan')):.3f} |"
+            for p in curve
+        ]
+        _plot_curve(curve, folder / CURVE_FILE)
+    (folder / CARD_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _plot_curve(curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hours = [p["elapsed_s"] / 3600 for p in curve]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(hours, [p.get("efficacy", float("nan")) for p in curve], "o-", label="edit efficacy")
+    ax1.plot(hours, [p.get("p_reencoded_edit", float("nan")) for p in curve], "s-", label="P(malignant) of edit")
+    ax1.axhline(0.7, color="grey", ls="--", lw=0.8, label="efficacy target")
+    ax1.set_xlabel("training hours")
+    ax1.legend(fontsize=8)
+    ax2.plot(hours, [p.get("val_auc", float("nan")) for p in curve], "o-", color="tab:green")
+    ax2.set_xlabel("training hours")
+    ax2.set_ylabel("validation AUC of the latent classifier")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
