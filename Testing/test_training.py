@@ -114,6 +114,11 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert [p["step"] for p in curve] == [20, 40]
     assert {"val_auc", "efficacy", "outside_ratio", "p_reencoded_edit"} <= set(curve[-1])
     assert bundle.preprocessing == prep
+    calibration = card["metrics"]["edit_calibration"]
+    assert len(calibration["table"]) == 6  # two classifier strengths x three edit steps
+    chosen = calibration["chosen"]
+    assert bundle.method["presets"]["fast"] == {"edit_step_scale": chosen["step_scale"]}
+    assert bundle.manifest["classifier"]["fit"]["C"] == chosen["C"]
     # Resuming continues the same run and keeps its curve.
     out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
                         device=torch.device("cpu"), classifier_C=0.01, eval_every=20, overwrite=True)

@@ -63,6 +63,24 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             for p in curve
         ]
         _plot_curve(curve, folder / CURVE_FILE)
+    calibration = card.get("metrics", {}).get("edit_calibration")
+    if calibration:
+        chosen = calibration["chosen"]
+        lines += [
+            "",
+            "## Edit calibration (validation lesions)",
+            "",
+            f"Chosen: classifier C = {chosen['C']:g}, edit step × {chosen['step_scale']:g} (the most effective "
+            "setting whose change outside lesions stays at most half the change inside; see calibration.py).",
+            "",
+            "| C | step × | efficacy | inside | outside | outside ratio | P(edit) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['C']:g} | {r['step_scale']:g} | {r['efficacy']:.3f} | {r['inside']:.4f} | {r['outside']:.4f} | "
+            f"{r['outside_ratio']:.2f} | {r['p_reencoded_edit']:.3f} |"
+            for r in calibration["table"]
+        ]
     (folder / CARD_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .attribution import AttributionSettings, HideAndSeek, settings_for
 from .bundle import read_bundle_manifest, save_bundle
+from .calibration import calibrate_edit
 from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
@@ -349,8 +350,10 @@ def measure_edit(
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def fit_classifier(model: DiffusionAutoencoder, data: SliceSet, *, C: float | None, seed: int):
-    z = encode_latents(model, data.images).double().numpy()
+def fit_classifier(model: DiffusionAutoencoder, data: SliceSet, *, C: float | None, seed: int,
+                   z: np.ndarray | None = None):
+    """The latent classifier of ``model`` on ``data`` (``z``: its latents, when already encoded)."""
+    z = encode_latents(model, data.images).double().numpy() if z is None else z
     return fit_latent_classifier(z, data.malignant.astype(int), C=C, class_weight="balanced", seed=seed)
 
 
@@ -370,11 +373,13 @@ def train_bundle(
     progress: TrainProgress | None = None,
     overwrite: bool = False,
     card_text: dict | None = None,
+    calibrate: bool = True,
 ) -> Path:
     """Train (or resume) the DAE, fit the latent classifier on its codes and write a bundle with a model card.
 
     ``card_text`` sets the card's prose (summary, intended_use, licence, limitations); a time budget of 0
-    re-exports the bundle from the saved state without training.
+    re-exports the bundle from the saved state without training. ``calibrate`` chooses the classifier's C
+    (the given one or ten times stronger) and the edit step on validation lesions (calibration.py).
     """
     state_dir = Path(state_dir)
     diffusion = DiffusionConfig()
@@ -404,7 +409,18 @@ def train_bundle(
     trainer.run(
         train.images, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress, on_checkpoint=evaluate
     )
-    classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed)
+    z_train = encode_latents(trainer.ema, train.images).double().numpy()
+    classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed, z=z_train)
+    method: dict = {"default_preset": "fast"}
+    metrics: dict = {"learning_curve": curve}
+    if calibrate and (val.lesions > 0).any():
+        fits = {C: fit_classifier(trainer.ema, train, C=C, seed=cfg.seed, z=z_train)
+                for C in (fit_info["C"], fit_info["C"] / 10)}
+        cal = calibrate_edit(trainer.ema, diffusion, {C: f[0] for C, f in fits.items()}, val.images, val.lesions,
+                             val.bodies)
+        classifier, fit_info = fits[cal.C]
+        method["presets"] = {preset: {"edit_step_scale": cal.step_scale} for preset in ("fast", "published")}
+        metrics["edit_calibration"] = {"chosen": {"C": cal.C, "step_scale": cal.step_scale}, "table": cal.table}
     card = {
         "summary": f"Diffusion autoencoder + latent classifier trained with hideseek {__version__}.",
         "intended_use": "Research use only; not a medical device. Validate on your own data before relying on it.",
@@ -419,7 +435,7 @@ def train_bundle(
             "malignant_fraction": round(float(slices.malignant.mean()), 3),
             "loss": trainer.history[-20:],
         },
-        "metrics": {"learning_curve": curve},
+        "metrics": metrics,
         "provenance": provenance or {},
     } | (card_text or {})
     return save_bundle(
@@ -430,7 +446,7 @@ def train_bundle(
         classifier,
         name=name,
         version=str(trainer.step),
-        method={"default_preset": "fast"},
+        method=method,
         card=card,
         fit_info=fit_info,
         overwrite=overwrite,
