@@ -932,6 +932,12 @@ def _add_lesions(case: _Case, vt: _Vertebra, f: _VertebraFields) -> None:
 # Benign mimics
 
 
+def _local_coords(case: _Case, vt: _Vertebra, f: _VertebraFields, rel: tuple[slice, slice, slice]):
+    """Vertebra-frame coordinates (u, v, w) of a sub-box given relative to the vertebra box."""
+    box = tuple(slice(o.start + s.start, o.start + s.stop) for s, o in zip(rel, f.box, strict=True))
+    return vt.frame.local(*case.grid.coords(box))
+
+
 def _mimic_bone_island(case, vt, f):
     rng = case.rng
     centre = _point_in_body(rng, vt, 0.5)
@@ -941,10 +947,7 @@ def _mimic_bone_island(case, vt, f):
     if blob is None:
         return None
     rel, alpha = blob
-    x, y, z = case.grid.coords(
-        tuple(slice(o.start + s.start, o.start + s.stop) for s, o in zip(rel, f.box, strict=True))
-    )
-    u, v, w = vt.frame.local(x, y, z)
+    u, v, w = _local_coords(case, vt, f, rel)
     spikes = np.full(alpha.shape, 1e3, dtype=np.float32)
     for _ in range(int(rng.integers(6, 13))):  # spiculated "brush" border
         direction = rng.normal(size=3)
@@ -966,10 +969,7 @@ def _mimic_haemangioma(case, vt, f):
     if blob is None:
         return None
     rel, alpha = blob
-    x, y, z = case.grid.coords(
-        tuple(slice(o.start + s.start, o.start + s.stop) for s, o in zip(rel, f.box, strict=True))
-    )
-    u, v, _ = vt.frame.local(x, y, z)
+    u, v, _ = _local_coords(case, vt, f, rel)
     step = float(rng.uniform(3.0, 4.5))
     cols = np.full(np.broadcast_shapes(u.shape, v.shape), 1e3, dtype=np.float32)
     for cu in np.arange(centre[0] - radii[0], centre[0] + radii[0] + step, step):
@@ -997,10 +997,7 @@ def _mimic_schmorl(case, vt, f):
     if blob is None:
         return None
     rel, _ = blob
-    x, y, z = case.grid.coords(
-        tuple(slice(o.start + s.start, o.start + s.stop) for s, o in zip(rel, f.box, strict=True))
-    )
-    u, v, w = vt.frame.local(x, y, z)
+    u, v, w = _local_coords(case, vt, f, rel)
     d, h = _as_distance(np.sqrt((u - p[0]) ** 2 + (v - p[1]) ** 2 + ((w - p[2]) / 0.9) ** 2) - r, case.grid.spacing)
     defect, shell = _occupancy(d, h), _occupancy(d - rim, h)
     sclerotic = float(rng.uniform(450, 800))  # corticated, sclerotic rim; disc material inside
