@@ -403,7 +403,7 @@ class HideSeekSegmentTest(ScriptedLoadableModuleTest):
             report = {"vertebrae": [{"level": "L1", "status": "ok", "n_lytic": 1, "n_blastic": 0}],
                       "lesions": [{"vertebra": "L1", "type": "lytic", "delta": 0.8, "volume_mm3": 100.0,
                                    "centroid_ras": [0.0, 0.0, 0.0]}]}
-            (Path(folder) / results.REPORT_FILE).write_text(json.dumps(report))
+            (Path(folder) / results.REPORT_FILE).write_text(json.dumps(report), encoding="utf-8")
             imported = results.importResults(folder, phantom.ct)
         segmentation = imported.segmentation.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 2)

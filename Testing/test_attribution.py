@@ -32,7 +32,7 @@ FAST = AttributionSettings(encode_steps=5, decode_steps=5, batch_size=4)
 
 @pytest.fixture(scope="module")
 def tiny(reference_dir):
-    cfg = json.loads((reference_dir / "dae_tiny_golden.json").read_text())["config"]
+    cfg = json.loads((reference_dir / "dae_tiny_golden.json").read_text(encoding="utf-8"))["config"]
     model = DiffusionAutoencoder(DAEConfig.from_dict(cfg)).eval()
     model.load_state_dict(load_file(reference_dir / "dae_tiny_weights.safetensors"))
     return model

@@ -51,18 +51,19 @@ def test_a_failing_case_is_logged_and_does_not_stop_the_others(cohort, toy_bundl
     manifest = tmp_path / "cases.csv"
     manifest.write_text("case,ct,vertebrae\n"
                         f"good,{cohort.parent / 'case_0000_ct.nii.gz'},{cohort.parent / 'case_0000_vertebrae.nii.gz'}\n"
-                        f"broken,{tmp_path / 'missing.nii.gz'},{cohort.parent / 'case_0000_vertebrae.nii.gz'}\n")
+                        f"broken,{tmp_path / 'missing.nii.gz'},{cohort.parent / 'case_0000_vertebrae.nii.gz'}\n",
+                        encoding="utf-8")
     out = tmp_path / "run"
     assert main(["batch", str(manifest), "--out", str(out), "--model", str(toy_bundle)]) == 1
     rows = _summary(out)
     assert rows["good"]["status"] == "done" and rows["broken"]["status"] == "failed"
     assert "missing.nii.gz" in rows["broken"]["error"]
-    assert "Traceback" in (out / "logs" / "broken.log").read_text()
+    assert "Traceback" in (out / "logs" / "broken.log").read_text(encoding="utf-8")
 
 
 def test_bad_manifests_are_refused(tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("image,labels\na,b\n")
+    bad.write_text("image,labels\na,b\n", encoding="utf-8")
     with pytest.raises(InputError, match="ct and vertebrae"):
         read_cases(bad)
     with pytest.raises(InputError, match="not found"):

@@ -29,7 +29,7 @@ CARD = {
 
 
 def test_tiny_config_is_the_reference_tiny_config(reference_dir):
-    golden = json.loads((reference_dir / "dae_tiny_golden.json").read_text())
+    golden = json.loads((reference_dir / "dae_tiny_golden.json").read_text(encoding="utf-8"))
     assert DAEConfig.from_dict(golden["config"]) == TINY
 
 
@@ -120,9 +120,9 @@ def test_tampered_weights_fail_the_checksum(saved, tmp_path):
 
 def _edit_manifest(saved: Path, dst: Path, edit) -> Path:
     folder = _copy(saved, dst)
-    manifest = json.loads((folder / "model.json").read_text())
+    manifest = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     edit(manifest)
-    (folder / "model.json").write_text(json.dumps(manifest))
+    (folder / "model.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 
 
@@ -165,7 +165,7 @@ def test_broken_files_are_refused(saved, tmp_path):
     with pytest.raises(BundleError, match=r"weights file model\.safetensors is missing"):
         load_bundle(no_weights)
     bad_json = _copy(saved, tmp_path / "c")
-    (bad_json / "model.json").write_text('{"format": "hideseek-bundle",')
+    (bad_json / "model.json").write_text('{"format": "hideseek-bundle",', encoding="utf-8")
     with pytest.raises(BundleError, match="not valid JSON"):
         read_bundle_manifest(bad_json)
     garbage = _copy(saved, tmp_path / "d")
@@ -184,10 +184,10 @@ def test_existing_folders_are_protected(parts, saved, tmp_path):
     assert read_bundle_manifest(out)["version"] == "0.0.2"
     user_folder = tmp_path / "documents"
     user_folder.mkdir()
-    (user_folder / "notes.txt").write_text("keep me")
+    (user_folder / "notes.txt").write_text("keep me", encoding="utf-8")
     with pytest.raises(InputError, match="not a model bundle"):
         _save(parts, user_folder, overwrite=True)
-    assert (user_folder / "notes.txt").read_text() == "keep me"
+    assert (user_folder / "notes.txt").read_text(encoding="utf-8") == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "documents"]
 
 

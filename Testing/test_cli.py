@@ -128,9 +128,9 @@ def test_dicom_folder_with_two_series_asks_which(real_data_dir, ts, toy_bundle, 
 def test_existing_output_is_never_overwritten_without_asking(ts, toy_bundle, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "mine.txt").write_text("precious")
+    (out / "mine.txt").write_text("precious", encoding="utf-8")
     assert _segment(*ts, out, model=toy_bundle) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "mine.txt").read_text() == "precious"
+    assert (out / "mine.txt").read_text(encoding="utf-8") == "precious"
     assert _segment(*ts, out, "--overwrite", "--quiet", model=toy_bundle) == 0
     assert (out / "report.json").is_file() and not (out / "mine.txt").exists()

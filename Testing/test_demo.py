@@ -19,7 +19,7 @@ def test_demo_writes_outputs_inputs_and_the_comparison(toy_bundle, tmp_path, cap
     names = {p.name for p in out.iterdir()}
     assert {"lesions.nii.gz", "lesions.seg.nrrd", "report.json", "report.csv", "overview.png", "demo.json",
             "input"} <= names
-    demo = json.loads((out / "demo.json").read_text())
+    demo = json.loads((out / "demo.json").read_text(encoding="utf-8"))
     case = demo_case()
     truth = {r.level: (r.n_lytic, r.n_blastic) for r in case.records if r.in_levels}
     assert {row["level"]: (row["truth_lytic"], row["truth_blastic"]) for row in demo["vertebrae"]} == truth
@@ -33,7 +33,7 @@ def test_demo_writes_outputs_inputs_and_the_comparison(toy_bundle, tmp_path, cap
 def test_demo_never_replaces_an_existing_folder(toy_bundle, tmp_path, capsys):
     out = tmp_path / "demo"
     out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    (out / "mine.txt").write_text("keep me", encoding="utf-8")
     assert main(["demo", "--out", str(out), "--model", str(toy_bundle), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]

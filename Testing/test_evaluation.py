@@ -81,7 +81,7 @@ def test_cli_writes_scores_table_and_figure(small_phantoms, toy_bundle, tmp_path
     assert main(["evaluate", "--manifest", str(small_phantoms), "--out", str(out), "--model", str(toy_bundle),
                  "--bootstrap", "20"]) == 0
     assert "| hide-and-seek | lytic |" in capsys.readouterr().out
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics["methods"]) == {"hide-and-seek", "difference map", "occlusion", "HU threshold"}
     assert metrics["slices"]["validation"] + metrics["slices"]["test"] == 6
     assert "min_change" in metrics["methods"]["difference map"]["tuned"]
@@ -89,11 +89,11 @@ def test_cli_writes_scores_table_and_figure(small_phantoms, toy_bundle, tmp_path
 
 
 def test_cli_refuses_a_manifest_without_truth(toy_bundle, tmp_path, small_phantoms, capsys):
-    lines = small_phantoms.read_text().splitlines()
+    lines = small_phantoms.read_text(encoding="utf-8").splitlines()
     header = lines[0].split(",")
     keep = [i for i, name in enumerate(header) if name not in ("lesions", "mimics")]
     stripped = small_phantoms.parent / "no_truth.csv"
-    stripped.write_text("\n".join(",".join(row.split(",")[i] for i in keep) for row in lines) + "\n")
+    stripped.write_text("\n".join(",".join(row.split(",")[i] for i in keep) for row in lines) + "\n", encoding="utf-8")
     assert main(["evaluate", "--manifest", str(stripped), "--out", str(tmp_path / "e"), "--model",
                  str(toy_bundle)]) == 2
     assert "no lesion truth" in capsys.readouterr().err

@@ -123,10 +123,11 @@ def test_module_is_built_with_generic_tests_and_its_unittest():
 
 def test_model_bundles_are_packaged(module):
     from hideseek.bundle import MANIFEST_NAME, WEIGHTS_NAME
+    from hideseek.modelcard import CARD_FILE, CURVE_FILE
     from hideseek.pipeline import DEFAULT_MODEL_NAME
 
     listed = module["MODULE_MODEL_BUNDLES"]
-    assert module["MODULE_MODEL_FILES"] == [MANIFEST_NAME, WEIGHTS_NAME]
+    assert module["MODULE_MODEL_FILES"] == [MANIFEST_NAME, WEIGHTS_NAME, CARD_FILE, CURVE_FILE]
     assert DEFAULT_MODEL_NAME in listed, "the engine's default model must ship with the extension"
     on_disk = sorted(p.parent.name for p in (REPO / "models").glob(f"*/{MANIFEST_NAME}"))
     assert set(on_disk) <= set(listed), f"bundles in models/ that are not packaged: {set(on_disk) - set(listed)}"
@@ -153,7 +154,7 @@ def test_slicer_installs_what_the_engine_declares():
         sys.path.remove(str(MODULE_DIR))
     from packaging.requirements import Requirement
 
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     bundled_with_slicer = {"numpy", "simpleitk", "vtk"}
     engine = {r.name.lower(): r.specifier for r in map(Requirement, declared)}
     ours = {r.name.lower(): r.specifier for r in map(Requirement, REQUIREMENTS)}

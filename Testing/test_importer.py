@@ -24,7 +24,7 @@ MODEL_FILL = -7.0
 
 
 def _published_keys(reference_dir: Path) -> dict:
-    return json.loads((reference_dir / "dae_fxclass64_keys.json").read_text())
+    return json.loads((reference_dir / "dae_fxclass64_keys.json").read_text(encoding="utf-8"))
 
 
 def _write_lightning_checkpoint(path: Path, keys: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def _write_lightning_checkpoint(path: Path, keys: dict[str, list[int]], seed: in
 
 
 def test_published_architecture_is_the_reference_one(reference_dir):
-    golden = json.loads((reference_dir / "dae_tiny_golden.json").read_text())
+    golden = json.loads((reference_dir / "dae_tiny_golden.json").read_text(encoding="utf-8"))
     assert DAEConfig.from_dict(golden["full_config"]) == PUBLISHED_ARCHITECTURE
     keys = _published_keys(reference_dir)
     with torch.device("meta"):
@@ -82,7 +82,7 @@ def test_published_files_convert_to_a_bundle_via_the_cli(reference_dir, tmp_path
     assert bundle.dae.config == PUBLISHED_ARCHITECTURE and bundle.dae.num_parameters() == 90_835_777
     assert bundle.preprocessing == PUBLISHED_PREPROCESSING
     assert bundle.method == {"default_preset": "published"}
-    expected = json.loads((reference_dir / "published_classifier_expected.json").read_text())
+    expected = json.loads((reference_dir / "published_classifier_expected.json").read_text(encoding="utf-8"))
     for name in ("coef", "mean", "scale"):
         np.testing.assert_allclose(getattr(bundle.classifier, name), expected[name], rtol=1e-12, atol=0)
     assert bundle.classifier.intercept == pytest.approx(expected["intercept"], rel=1e-12)
@@ -142,7 +142,7 @@ def test_checkpoints_of_the_wrong_layout_are_refused(tmp_path, pickles, content,
 
 def test_unsafe_or_foreign_files_are_refused(tmp_path, pickles, capsys):
     not_torch = tmp_path / "notes.ckpt"
-    not_torch.write_text("hello")
+    not_torch.write_text("hello", encoding="utf-8")
     with pytest.raises(InputError, match="cannot be read as a safe PyTorch checkpoint"):
         _convert(not_torch, pickles, tmp_path / "out")
     with_code = tmp_path / "object.ckpt"

@@ -192,7 +192,7 @@ def test_gzip_nifti_with_extra_trailing_bytes_is_read(tmp_path):
 
 
 def test_unreadable_or_missing_file_is_refused(tmp_path):
-    (tmp_path / "notes.nii.gz").write_text("not an image")
+    (tmp_path / "notes.nii.gz").write_text("not an image", encoding="utf-8")
     with pytest.raises(InputError, match=r"notes\.nii\.gz is not a readable image"):
         read_ct(tmp_path / "notes.nii.gz")
     with pytest.raises(InputError, match=r"nowhere\.nrrd not found"):
@@ -324,9 +324,9 @@ def _siblings(path: Path) -> list[str]:
 def test_atomic_output_appears_only_on_success(tmp_path):
     out = tmp_path / "results" / "case1"
     with atomic_output_dir(out) as work:
-        (work / "lesions.seg.nrrd").write_text("x")
+        (work / "lesions.seg.nrrd").write_text("x", encoding="utf-8")
         assert not out.exists()
-    assert (out / "lesions.seg.nrrd").read_text() == "x"
+    assert (out / "lesions.seg.nrrd").read_text(encoding="utf-8") == "x"
     assert _siblings(out) == ["case1"]
 
 
@@ -334,7 +334,7 @@ def test_atomic_output_appears_only_on_success(tmp_path):
 def test_failed_run_leaves_nothing(tmp_path, error):
     out = tmp_path / "case1"
     with pytest.raises(error), atomic_output_dir(out) as work:
-        (work / "partial.txt").write_text("half")
+        (work / "partial.txt").write_text("half", encoding="utf-8")
         raise error()
     assert not out.exists() and _siblings(out) == []
 
@@ -342,21 +342,21 @@ def test_failed_run_leaves_nothing(tmp_path, error):
 def test_existing_results_are_kept_unless_overwrite_succeeds(tmp_path):
     out = tmp_path / "case1"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "old.txt").write_text("old", encoding="utf-8")
     with pytest.raises(InputError, match=r"case1 exists and is not empty.*--overwrite"), atomic_output_dir(out):
         pass
     with pytest.raises(KeyboardInterrupt), atomic_output_dir(out, overwrite=True) as work:
-        (work / "new.txt").write_text("new")
+        (work / "new.txt").write_text("new", encoding="utf-8")
         raise KeyboardInterrupt
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and _siblings(out) == ["case1"]
     with atomic_output_dir(out, overwrite=True) as work:
-        (work / "new.txt").write_text("new")
+        (work / "new.txt").write_text("new", encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and _siblings(out) == ["case1"]
 
 
 def test_output_path_checks(tmp_path):
     (tmp_path / "empty").mkdir()
     assert check_output_dir(tmp_path / "empty", overwrite=False) == tmp_path / "empty"
-    (tmp_path / "report.txt").write_text("")
+    (tmp_path / "report.txt").write_text("", encoding="utf-8")
     with pytest.raises(InputError, match=r"report\.txt is a file"):
         check_output_dir(tmp_path / "report.txt", overwrite=True)

@@ -14,7 +14,7 @@ from hideseek.sampler import DDIMSampler, DiffusionConfig
 
 @pytest.fixture(scope="module")
 def golden_json(reference_dir):
-    return json.loads((reference_dir / "dae_tiny_golden.json").read_text())
+    return json.loads((reference_dir / "dae_tiny_golden.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def golden(reference_dir):
 
 
 def test_published_architecture_has_exactly_the_checkpoint_keys(reference_dir, golden_json):
-    manifest = json.loads((reference_dir / "dae_fxclass64_keys.json").read_text())
+    manifest = json.loads((reference_dir / "dae_fxclass64_keys.json").read_text(encoding="utf-8"))
     prefix = manifest["checkpoint_prefix"]
     expected = {k.removeprefix(prefix): v for k, v in manifest["keys"].items()}
     with torch.device("meta"):

@@ -73,9 +73,9 @@ def test_outputs_follow_the_contract(totalseg_run, tmp_path, slicer_core):
         ["lesions.nii.gz", "lesions.seg.nrrd", "report.json", "report.csv", "overview.png"])
     nifti = sitk.ReadImage(str(out / "lesions.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(nifti), _lesions(totalseg_run))
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report == json.loads(json.dumps(totalseg_run.report()))
-    rows = (out / "report.csv").read_text().splitlines()
+    rows = (out / "report.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("record,level,label")
     assert len(rows) == 1 + len(report["vertebrae"]) + len(report["lesions"])
 

@@ -65,7 +65,7 @@ def test_lesion_segments_are_distinct_and_well_formed():
 
 
 def test_terminology_file_matches_the_written_tags():
-    term = json.loads(TERMINOLOGY_FILE.read_text())
+    term = json.loads(TERMINOLOGY_FILE.read_text(encoding="utf-8"))
     assert term["SegmentationCategoryTypeContextName"] == TERMINOLOGY_CONTEXT
     (category,) = term["SegmentationCodes"]["Category"]
     assert (category["CodingSchemeDesignator"], category["CodeValue"], category["CodeMeaning"]) == (

@@ -118,7 +118,7 @@ def _write_run(lib, phantom, folder, lesions: np.ndarray, report: dict):
     out = folder / "out"
     out.mkdir()
     sitk.WriteImage(image, str(out / "lesions.nii.gz"))
-    (out / "report.json").write_text(json.dumps(report))
+    (out / "report.json").write_text(json.dumps(report), encoding="utf-8")
     return out
 
 
@@ -250,10 +250,10 @@ def test_seg_nrrd_round_trip_keeps_names_colours_tags_and_voxels(lib, slicer_cor
 def test_unusable_results_are_refused(lib, scene, phantom, tmp_path):
     lesions = _lesion_array(phantom)
     out = _write_run(lib, phantom, tmp_path, lesions, _report(lesions))
-    (out / "report.json").write_text('{"vertebrae": []}')
+    (out / "report.json").write_text('{"vertebrae": []}', encoding="utf-8")
     with pytest.raises(InputError, match="not a hideseek report"):
         lib.results.importResults(out, phantom.ct)
-    (out / "report.json").write_text(json.dumps(_report(lesions)))
+    (out / "report.json").write_text(json.dumps(_report(lesions)), encoding="utf-8")
     shifted = sitk.ReadImage(str(out / "lesions.nii.gz"))
     shifted.SetOrigin([o + 2.0 for o in shifted.GetOrigin()])
     sitk.WriteImage(shifted, str(out / "lesions.nii.gz"))
@@ -428,11 +428,11 @@ def test_cancel_kills_the_worker_and_its_children(lib, tmp_path):
     runner.start()
     seen = []
     assert _wait_for(lambda: seen.extend(runner.poll()) or bool(seen))
-    assert _wait_for(lambda: pid_file.exists() and pid_file.read_text())
+    assert _wait_for(lambda: pid_file.exists() and pid_file.read_text(encoding="utf-8"))
     started = time.monotonic()
     runner.cancel()
     assert time.monotonic() - started < 5
-    child = int(pid_file.read_text())
+    child = int(pid_file.read_text(encoding="utf-8"))
     assert _wait_for(lambda: not _alive(child), 5), "the worker's child survived the cancel"
     assert _wait_for(lambda: not runner.running, 5)
     assert runner.cancelled and not runner.succeeded and runner.error is None
@@ -477,7 +477,7 @@ print(json.dumps({"stage": "done", "out": options["--out"]}), flush=True)
 @pytest.fixture
 def fake_logic(lib, tmp_path):
     worker = tmp_path / "fake_worker.py"
-    worker.write_text(FAKE_WORKER)
+    worker.write_text(FAKE_WORKER, encoding="utf-8")
 
     def make(behaviour: str):
         work = tmp_path / f"work-{behaviour}"
@@ -567,7 +567,7 @@ def test_model_cards_are_read_without_torch(lib, toy_bundle, tmp_path):
     assert card.describe().startswith("Licence: MIT\nIntended use: tests only")
     broken = tmp_path / "nested" / "broken"
     broken.mkdir(parents=True)
-    (broken / "model.json").write_text("{not json")
+    (broken / "model.json").write_text("{not json", encoding="utf-8")
     (broken / "model.safetensors").write_bytes(b"")
     with pytest.raises(HideSeekError, match="cannot read it"):
         lib.models.readModelCard(broken)

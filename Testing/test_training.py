@@ -42,7 +42,7 @@ def test_loss_falls_on_toy_images():
 def test_state_resumes_where_it_stopped(tmp_path):
     trainer = Trainer(_cfg(steps=20), DiffusionConfig(), torch.device("cpu"))
     trainer.run(_toy_images(), state_dir=tmp_path)
-    meta = json.loads((tmp_path / "state.json").read_text())
+    meta = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
     assert meta["step"] == 20 and len(meta["history"]) == 2
 
     resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=40)
@@ -53,7 +53,7 @@ def test_state_resumes_where_it_stopped(tmp_path):
     assert len(resumed.opt.state) == len(list(resumed.model.parameters()))
     resumed.run(_toy_images(), state_dir=tmp_path)
     assert resumed.step == 40
-    assert json.loads((tmp_path / "state.json").read_text())["step"] == 40
+    assert json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))["step"] == 40
     with pytest.raises(ValueError, match="architecture"):
         Trainer.resume(tmp_path, torch.device("cpu"), architecture={**TOY_ARCH, "model_channels": 8})
 
@@ -123,7 +123,7 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
                         device=torch.device("cpu"), classifier_C=0.01, eval_every=20, overwrite=True)
     assert [p["step"] for p in load_bundle(out2).card["metrics"]["learning_curve"]] == [20, 40, 60]
-    card_md = (out2 / "MODEL_CARD.md").read_text()
+    card_md = (out2 / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "| 60 |" in card_md and (out2 / "learning_curve.png").stat().st_size > 0
 
 
@@ -147,7 +147,7 @@ def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_re
     assert bundle.version == "20" and bundle.card["intended_use"] == "demonstration only"
     for name, tensor in bundle.dae.state_dict().items():
         assert torch.equal(tensor, ema_before[name]), f"the EMA came back from the bundle exactly: {name}"
-    assert "synthetic data" in (out / "MODEL_CARD.md").read_text()
+    assert "synthetic data" in (out / "MODEL_CARD.md").read_text(encoding="utf-8")
 
 
 def test_split_keeps_vertebrae_whole():

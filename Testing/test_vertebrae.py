@@ -137,7 +137,7 @@ def test_totalsegmentator_folder_matches_the_multilabel_file(tmp_path, totalseg)
 )
 def test_plain_labelmap_with_label_table(tmp_path, suffix, text):
     table = tmp_path / f"labels{suffix}"
-    table.write_text(text)
+    table.write_text(text, encoding="utf-8")
     array = np.zeros((30, 30, 30), np.uint8)
     array[4:12, 8:22, 8:22] = 4
     array[16:24, 8:22, 8:22] = 3
@@ -152,10 +152,10 @@ def test_plain_labelmap_with_label_table(tmp_path, suffix, text):
 
 def test_label_table_errors(tmp_path):
     table = tmp_path / "bad.csv"
-    table.write_text("value,name\n")
+    table.write_text("value,name\n", encoding="utf-8")
     with pytest.raises(InputError, match="no 'value,name' rows"):
         read_label_table(table)
-    table.write_text("1,L1\n2,vertebrae_L1\n")
+    table.write_text("1,L1\n2,vertebrae_L1\n", encoding="utf-8")
     array = np.ones((10, 10, 10), np.uint8)
     sitk.WriteImage(labelmap(array), str(tmp_path / "x.nrrd"))
     with pytest.raises(InputError, match="L1 is named twice"):

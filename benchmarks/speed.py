@@ -98,7 +98,7 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": bundle.name, "version": bundle.version,
                                                "slices": [str(data.names[v]) for v in data.vertebra],
-                                               "variants": rows}, indent=1) + "\n")
+                                               "variants": rows}, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def compose(run_dir: Path, out: Path) -> None:
     ct = sitk.ReadImage(str(run_dir / "input" / "ct.nii.gz"))
     vertebrae = sitk.ReadImage(str(run_dir / "input" / "vertebrae.nii.gz"))
     lesions = sitk.ReadImage(str(run_dir / "lesions.nii.gz"))
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         render_3d(ct, vertebrae, lesions, Path(tmp) / "3d.png")
         view = plt.imread(Path(tmp) / "3d.png")

@@ -210,6 +210,7 @@ class HideSeekLogic:
         environment = dict(self.environment)
         paths = [str(ENGINE_DIR), *filter(None, [environment.get("PYTHONPATH")])]
         environment["PYTHONPATH"] = os.pathsep.join(paths)
+        environment["PYTHONIOENCODING"] = "utf-8"  # progress lines carry units such as mm³
         return environment
 
 

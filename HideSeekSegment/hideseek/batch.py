@@ -55,7 +55,7 @@ def read_cases(manifest: str | os.PathLike) -> list[Case]:
     path = Path(manifest)
     if not path.is_file():
         raise InputError(f"{path}: manifest not found")
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"ct", "vertebrae"} <= set(rows[0]):
         raise InputError(f"{path}: a batch manifest needs the columns ct and vertebrae (and optionally case, "
@@ -89,7 +89,7 @@ def run_case(case: Case, out_dir: str, options: RunOptions) -> dict:
     out = Path(out_dir) / case.name
     log_path = Path(out_dir) / "logs" / f"{case.name}.log"
     started = time.monotonic()
-    with log_path.open("w") as log:
+    with log_path.open("w", encoding="utf-8") as log:
         def progress(event: dict) -> None:
             if event["stage"] != "hide-and-seek" or event["done"] in (0, event["total"]):
                 log.write(f"{time.strftime('%H:%M:%S')} vertebra {event['vertebra']}/{event['vertebrae']} "
@@ -190,13 +190,13 @@ def _execute(todo: list[Case], out: str, options: RunOptions, workers: int, sche
 def _read_summary(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         return {row["case"]: row for row in csv.DictReader(fh)}
 
 
 def _write_summary(path: Path, rows: list[dict]) -> Path:
     tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

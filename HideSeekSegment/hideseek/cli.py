@@ -353,8 +353,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
               "command": "hideseek " + " ".join(sys.argv[1:]), **result.report}
     table = markdown_table(result.report)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
-        (tmp / "table.md").write_text(table)
+        (tmp / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (tmp / "table.md").write_text(table, encoding="utf-8")
         examples_figure(result, data, tmp / "examples.png")
     print(table)
     print(f"classifier AUC {result.report['classifier auc']:.3f}; wrote {args.out}/: metrics.json, table.md, "
@@ -451,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a terminal without UTF-8 must not crash on "mm³" or "Δ"
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -61,7 +61,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"manifest {path}: file not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise InputError(f"manifest {path}: no rows")

@@ -59,7 +59,7 @@ def run_demo(
             (folder / "input").mkdir()
             for path in inputs.values():
                 (folder / "input" / path.name).write_bytes(path.read_bytes())
-            (folder / "demo.json").write_text(json.dumps(comparison, indent=1) + "\n")
+            (folder / "demo.json").write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
 
         write_outputs(result, out_dir, overwrite=overwrite, extra=add_inputs)
     return result, comparison

@@ -42,7 +42,7 @@ def bf16_is_fast(device_type: str) -> bool:
     if device_type != "cpu":
         return False
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:  # macOS / Windows: Apple silicon has bf16 instructions, x86 laptops rarely do
         return platform.machine() == "arm64"
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))

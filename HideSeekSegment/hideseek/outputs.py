@@ -50,8 +50,8 @@ def write_outputs(
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         sitk.WriteImage(result.lesions, str(tmp / "lesions.nii.gz"), useCompression=True)
         write_seg_nrrd(tmp / "lesions.seg.nrrd", result.lesions)
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        with open(tmp / "report.csv", "w", newline="") as f:
+        (tmp / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        with open(tmp / "report.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(csv_rows(report))

@@ -1268,7 +1268,7 @@ def write_case(case: PhantomCase, out_dir: str | Path, name: str) -> dict[str, P
         sitk.WriteImage(case.image(getattr(case, kind)), str(path), useCompression=True)
     paths["mimics_json"] = out / f"{name}_mimics.json"
     table = {str(k): v for k, v in case.mimic_table().items()}
-    paths["mimics_json"].write_text(json.dumps(table, indent=1) + "\n")
+    paths["mimics_json"].write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     return paths
 
 
@@ -1319,7 +1319,7 @@ def write_phantom_set(
             if report is not None:
                 report(_summary(case, name))
         manifest = tmp / "manifest.csv"
-        with manifest.open("w", newline="") as fh:
+        with manifest.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)

@@ -238,7 +238,7 @@ class Trainer:
             "rng": self._rng.get_state().tolist(),
         }
         tmp_json = state_dir / "state.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1))
+        tmp_json.write_text(json.dumps(meta, indent=1), encoding="utf-8")
         tmp_json.replace(state_dir / "state.json")
 
     @classmethod
@@ -250,7 +250,7 @@ class Trainer:
         fresh warm-up. Both are logged in the history so a learning curve shows where a resume was inexact.
         """
         state_dir = Path(state_dir)
-        meta = json.loads((state_dir / "state.json").read_text())
+        meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
         cfg_dict = meta["config"] | overrides
         if cfg_dict["architecture"] != meta["config"]["architecture"]:
             raise ValueError("the architecture of a run cannot change when resuming")
@@ -294,7 +294,7 @@ def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
         manifest = read_bundle_manifest(out_dir)
     except BundleError:
         return None
-    step = json.loads((state_dir / "state.json").read_text())["step"]
+    step = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))["step"]
     weights = Path(out_dir) / manifest["weights"]["file"]
     return weights if manifest["version"] == str(step) and weights.is_file() else None
 
@@ -390,7 +390,9 @@ def train_bundle(
     else:
         trainer = Trainer(cfg, diffusion, device)
     curve: list[dict] = (
-        json.loads((state_dir / "curve.json").read_text()) if (state_dir / "curve.json").is_file() else []
+        json.loads((state_dir / "curve.json").read_text(encoding="utf-8"))
+        if (state_dir / "curve.json").is_file()
+        else []
     )
     quick = settings_for("fast", encode_steps=20, decode_steps=20)
 
@@ -402,7 +404,7 @@ def train_bundle(
         point = {"step": t.step, "elapsed_s": round(t.elapsed_s, 1), "val_auc": round(val_auc, 4), "C": info["C"]}
         point |= measure_edit(t.ema, diffusion, clf, val, quick)
         curve.append(point)
-        (state_dir / "curve.json").write_text(json.dumps(curve, indent=1))
+        (state_dir / "curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
         if progress is not None:
             progress({"eval": point})
 
