@@ -130,3 +130,11 @@ def test_inputs_are_not_modified(totalseg, toy_bundle):
     before = sitk.GetArrayFromImage(ct).copy()
     segment_ct(ct, totalseg[1], model=toy_bundle)
     assert np.array_equal(sitk.GetArrayFromImage(ct), before)
+
+
+def test_the_library_api_is_hideseek_segment_ct():
+    import hideseek
+
+    assert hideseek.segment_ct is segment_ct
+    with pytest.raises(AttributeError):
+        _ = hideseek.not_an_api
