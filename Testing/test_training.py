@@ -39,6 +39,22 @@ def test_loss_falls_on_toy_images():
     assert logs[-1]["eta_s"] == 0
 
 
+def test_x0_weighting_up_weights_high_noise_levels_only_up_to_its_clip():
+    plain = Trainer(_cfg(), DiffusionConfig(), torch.device("cpu"))
+    weighted = Trainer(_cfg(x0_weight_max=10.0), DiffusionConfig(), torch.device("cpu"))
+    t = torch.tensor([0, 300, 500, 999])  # 1/SNR: 1e-4, 1.5, 11.9, ~2e4
+    assert torch.equal(plain._weights(t), torch.ones(4))
+    w = weighted._weights(t)
+    assert w[0] == 1.0 and 1.0 < w[1] < 10.0 and w[2] == w[3] == 10.0
+
+
+def test_a_resume_may_change_the_curriculum_and_says_so(tmp_path):
+    Trainer(_cfg(steps=20), DiffusionConfig(), torch.device("cpu")).run(_toy_images(), state_dir=tmp_path)
+    resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, x0_weight_max=10.0)
+    assert resumed.cfg.x0_weight_max == 10.0
+    assert resumed.history[-1] == {"step": 20, "resume": "x0_weight_max -> 10.0"}
+
+
 def test_state_resumes_where_it_stopped(tmp_path):
     trainer = Trainer(_cfg(steps=20), DiffusionConfig(), torch.device("cpu"))
     trainer.run(_toy_images(), state_dir=tmp_path)

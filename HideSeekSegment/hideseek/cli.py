@@ -196,6 +196,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="share of each batch trained at t >= T/2, where only z can carry the image (default 0.5)")
     p.add_argument("--classifier-c", type=float, default=0.01,
                    help="L2 strength of the latent classifier (sklearn's C; default 0.01 as published; 0 = by CV)")
+    p.add_argument("--x0-weight-max", type=float, default=1.0,
+                   help="weight samples by min(1/SNR(t), this): >1 pushes the decoder to use z (default 1: plain)")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between learning-curve points")
     p.add_argument("--intensity", default="hu_window", choices=["hu_window", "percentile"])
     p.add_argument("--name", default="hideseek-model", help="model name recorded in the bundle")
@@ -236,7 +238,8 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"{len(slices)} slices of {len(slices.names)} vertebrae ({slices.malignant.mean():.0%} malignant)",
           file=sys.stderr)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      high_noise_fraction=args.high_noise_fraction, bf16=not args.no_bf16)
+                      high_noise_fraction=args.high_noise_fraction, x0_weight_max=args.x0_weight_max,
+                      bf16=not args.no_bf16)
 
     def report(record: dict) -> None:
         if "eval" in record:

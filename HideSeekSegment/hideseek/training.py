@@ -52,6 +52,7 @@ class TrainConfig:
     warmup_steps: int = 200
     high_noise_fraction: float = 0.5  # share of each batch with t drawn from [high_noise_from*T, T)
     high_noise_from: float = 0.5
+    x0_weight_max: float = 1.0  # >1: weight each sample by clip(1/SNR(t), 1, this), i.e. toward an x0-space loss
     augment_shift_px: int = 2  # random translation (reflect-padded)
     augment_intensity: float = 0.05  # random gain/offset in the normalised range
     bf16: bool = True  # autocast where the device runs bf16 natively (device.bf16_is_fast), else float32
@@ -126,13 +127,26 @@ class Trainer:
         return x
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """Noise-prediction MSE, per sample weighted by ``_weights`` (plain MSE when x0_weight_max is 1).
+
+        Why weight: with eps-prediction, an error e in the predicted image costs only SNR(t)·e² at timestep t, so
+        at high noise levels (SNR ~ 1e-3) the loss barely asks the network to know the image, and the decoder
+        learns to lean on x_T instead of z. Weighting by 1/SNR turns those samples into an x0-space loss, which
+        only z can satisfy; the clip keeps it bounded.
+        """
         t = self._timesteps(x0.shape[0]).to(self.device)
         noise = torch.randn(x0.shape, generator=self._rng).to(self.device)
         xt = self._sqrt_ac[t][:, None, None, None] * x0 + self._sqrt_1m_ac[t][:, None, None, None] * noise
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
             cond = self.model.encode(x0)
             pred = self.model(xt, t, cond)
-        return torch.nn.functional.mse_loss(pred.float(), noise)
+        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        w = self._weights(t)
+        return (w * per_sample).sum() / w.sum()
+
+    def _weights(self, t: torch.Tensor) -> torch.Tensor:
+        snr = self._sqrt_ac[t].pow(2) / self._sqrt_1m_ac[t].pow(2)
+        return (1.0 / snr).clamp(1.0, max(1.0, self.cfg.x0_weight_max))
 
     def _lr(self) -> float:
         return self.cfg.lr * min(1.0, (self.step - self._warmup_from + 1) / max(1, self.cfg.warmup_steps))
@@ -255,6 +269,7 @@ class Trainer:
         if cfg_dict["architecture"] != meta["config"]["architecture"]:
             raise ValueError("the architecture of a run cannot change when resuming")
         trainer = cls(TrainConfig(**cfg_dict), DiffusionConfig.from_dict(meta["diffusion"]), device)
+        changed = {k: v for k, v in overrides.items() if k != "steps" and meta["config"].get(k) != v}
         trainer.model.load_state_dict(load_file(str(state_dir / WEIGHTS_FILE)))
         notes = []
         if (state_dir / EMA_FILE).is_file():
@@ -278,11 +293,15 @@ class Trainer:
         else:
             trainer._warmup_from = trainer.step
             notes.append("optimizer restarted")
+        notes += [f"{k} -> {v}" for k, v in changed.items()]
         if notes:
             trainer.history.append({"step": trainer.step, "resume": ", ".join(notes)})
         trainer._rng.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
         return trainer
 
+
+RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max")
+"""Settings a resumed run takes from the new command (a curriculum); the rest stays as the run began."""
 
 WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors", "optimizer.safetensors"
 """Parts of a training state; a compact copy between sessions keeps only the weights (see save_state)."""
@@ -386,7 +405,8 @@ def train_bundle(
     held = split_by_vertebra(slices.vertebra, slices.malignant, 0.1, cfg.seed)
     train, val = slices.subset(~held), slices.subset(held)
     if (state_dir / "state.json").is_file():
-        trainer = Trainer.resume(state_dir, device, ema_fallback=_bundle_ema(out_dir, state_dir), steps=cfg.steps)
+        changeable = {name: getattr(cfg, name) for name in RESUME_OVERRIDES}
+        trainer = Trainer.resume(state_dir, device, ema_fallback=_bundle_ema(out_dir, state_dir), **changeable)
     else:
         trainer = Trainer(cfg, diffusion, device)
     curve: list[dict] = (
