@@ -583,6 +583,23 @@ def test_missing_requirements(lib):
         "numpy<1", "no-such-package-hideseek>=1"]
 
 
+def test_install_uses_pip_ensure_and_never_touches_slicers_own_packages(lib, monkeypatch):
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(
+        pydeps=types.SimpleNamespace(pip_ensure=lambda reqs, **kw: calls.append(([str(r) for r in reqs], kw))),
+        util=types.SimpleNamespace(pip_install=lambda text: calls.append(("pip_install", text))))
+    monkeypatch.setitem(sys.modules, "slicer", fake)
+    lib.dependencies.installRequirements(["scipy>=1.10"])
+    assert calls == [(["scipy>=1.10"], {"requester": "HideSeekSegment",
+                                        "skip_packages": ["numpy", "SimpleITK", "vtk", "torch"]})]
+    calls.clear()
+    del fake.pydeps  # Slicer before 5.11
+    lib.dependencies.installRequirements(["scipy>=1.10"])
+    assert calls == [("pip_install", "scipy>=1.10")]
+
+
 def test_logic_process_signature(lib):
     params = list(inspect.signature(lib.logic.HideSeekLogic.process).parameters)
     assert params == ["self", "ctVolume", "vertebrae", "outputSegmentation", "levels", "mode", "model", "preset",

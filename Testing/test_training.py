@@ -131,7 +131,7 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert {"val_auc", "efficacy", "outside_ratio", "p_reencoded_edit"} <= set(curve[-1])
     assert bundle.preprocessing == prep
     calibration = card["metrics"]["edit_calibration"]
-    assert len(calibration["table"]) == 6  # two classifier strengths x three edit steps
+    assert len(calibration["table"]) == 8  # two classifier strengths x four edit steps
     chosen = calibration["chosen"]
     assert bundle.method["presets"]["fast"] == {"edit_step_scale": chosen["step_scale"]}
     assert bundle.manifest["classifier"]["fit"]["C"] == chosen["C"]

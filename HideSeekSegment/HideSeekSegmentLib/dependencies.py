@@ -2,9 +2,10 @@
 
 Slicer bundles numpy, SimpleITK and vtk: those are never installed or upgraded here (replacing Slicer's own copy
 breaks Slicer). torch comes through the PyTorch extension (``PyTorchUtils``), which picks the build that fits the
-GPU driver; the rest through Slicer's pip helpers. The version ranges are those of the engine's
-``pyproject.toml`` (a test keeps them equal). Nothing here runs at import time, and nothing asks the user: the
-module's widget shows one confirmation listing ``missingRequirements()`` before calling ``installRequirements``.
+GPU driver; the rest through Slicer's ``pip_ensure`` (Slicer >= 5.11), or ``slicer.util.pip_install`` before.
+The version ranges are those of the engine's ``pyproject.toml`` (a test keeps them equal). Nothing here runs at
+import time; the module's widget shows one confirmation listing ``missingRequirements()`` before calling
+``installRequirements`` (on Slicer >= 5.11 ``pip_ensure`` may ask once more before it installs).
 """
 
 from __future__ import annotations
@@ -34,15 +35,29 @@ def installRequirements(requirements: Sequence[str]) -> None:
     for requirement in parsed:
         if requirement.name == "torch":
             _installTorch(str(requirement.specifier))
-    pipRequirements = [str(requirement) for requirement in parsed if requirement.name != "torch"]
+    pipRequirements = [requirement for requirement in parsed if requirement.name != "torch"]
     if pipRequirements:
-        # Slicer >= 5.12 has slicer.packaging (progress dialog, restart prompt); before, slicer.util.pip_install.
-        packaging = getattr(slicer, "packaging", None)
-        install = getattr(packaging, "pip_install", None) or slicer.util.pip_install
-        install(pipRequirements)
+        ensure = _pipEnsure(slicer)
+        if ensure is not None:  # progress dialog, restart offer; never touches what Slicer bundles
+            ensure(pipRequirements, requester="HideSeekSegment", skip_packages=list(SLICER_BUNDLED))
+        else:
+            slicer.util.pip_install(" ".join(str(r) for r in pipRequirements))
     still = missingRequirements(requirements)
     if still:
         raise HideSeekError(f"could not install {', '.join(still)}: see the Python console, then restart Slicer")
+
+
+SLICER_BUNDLED = ("numpy", "SimpleITK", "vtk", "torch")
+"""Never installed by pip here: Slicer's own packages, and torch (the PyTorch extension's job)."""
+
+
+def _pipEnsure(slicer):
+    """``pip_ensure`` of Slicer >= 5.11 (``slicer.pydeps``, later ``slicer.packaging``), else None."""
+    for name in ("packaging", "pydeps"):
+        ensure = getattr(getattr(slicer, name, None), "pip_ensure", None)
+        if ensure is not None:
+            return ensure
+    return None
 
 
 def _satisfied(requirement: Requirement) -> bool:

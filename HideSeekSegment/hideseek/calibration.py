@@ -40,7 +40,7 @@ def calibrate_edit(
     lesions: np.ndarray,
     bodies: np.ndarray,
     *,
-    scales: tuple[float, ...] = (1.0, 2.0, 4.0),
+    scales: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0),
     target_probability: float = 1e-5,
     steps: int = 20,
     max_slices: int = 32,
