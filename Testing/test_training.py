@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -78,6 +79,17 @@ def test_time_budget_stops_early():
     trainer = Trainer(_cfg(steps=10_000), DiffusionConfig(), torch.device("cpu"))
     trainer.run(_toy_images(), time_budget_s=0.5)
     assert 0 < trainer.step < 10_000
+
+
+def test_time_budget_holds_across_checkpoints_and_bounds_the_eta(tmp_path):
+    """Checkpoints bank the elapsed time; the budget and the ETA must still count from the start of the run."""
+    trainer = Trainer(_cfg(steps=10_000, checkpoint_every=2, log_every=2), DiffusionConfig(), torch.device("cpu"))
+    logs = []
+    started = time.monotonic()
+    trainer.run(_toy_images(), state_dir=tmp_path, time_budget_s=1.5, progress=logs.append)
+    assert time.monotonic() - started < 15 and 0 < trainer.step < 10_000
+    assert all(r["eta_s"] <= 1.5 for r in logs)
+    assert trainer.elapsed_s >= 1.5
 
 
 def test_high_noise_fraction_shifts_the_timesteps():

@@ -187,21 +187,22 @@ class Trainer:
         order_rng = np.random.default_rng(self.cfg.seed + self.step)
         start, losses = time.monotonic(), []
         session_steps = 0
+        session_start = start  # ``start`` moves on at every checkpoint (time banked); budget and rate use this
         while self.step < self.cfg.steps:
-            if time_budget_s is not None and time.monotonic() - start >= time_budget_s:
+            if time_budget_s is not None and time.monotonic() - session_start >= time_budget_s:
                 break
             idx = order_rng.integers(0, len(data), self.cfg.batch_size)
             losses.append(self.train_step(data[idx]))
             session_steps += 1
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                now = time.monotonic() - start
+                now = time.monotonic() - session_start
                 rate = now / session_steps
                 record = {
                     "step": self.step,
                     "steps": self.cfg.steps,
                     "loss": float(np.mean(losses)),
-                    "elapsed_s": round(self.elapsed_s + now, 1),
-                    "eta_s": round(rate * (self.cfg.steps - self.step), 1),
+                    "elapsed_s": round(self.elapsed_s + time.monotonic() - start, 1),
+                    "eta_s": round(_eta(rate * (self.cfg.steps - self.step), time_budget_s, now), 1),
                 }
                 self.history.append(record)
                 losses = []
@@ -316,6 +317,11 @@ def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
     step = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))["step"]
     weights = Path(out_dir) / manifest["weights"]["file"]
     return weights if manifest["version"] == str(step) and weights.is_file() else None
+
+
+def _eta(to_the_last_step: float, budget_s: float | None, elapsed_s: float) -> float:
+    """Seconds left: to the last step, or to the end of the time budget when that comes first."""
+    return to_the_last_step if budget_s is None else max(0.0, min(to_the_last_step, budget_s - elapsed_s))
 
 
 def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
