@@ -32,7 +32,8 @@ def write_model_card(folder: Path, manifest: dict) -> None:
         "",
         "| | |",
         "| --- | --- |",
-        f"| command | `{card.get('provenance', {}).get('command', '?')}` |",
+        *[f"| command | `{c}` |" for c in card.get("provenance", {}).get("commands")
+          or [card.get("provenance", {}).get("command", "?")]],
         f"| data | {training.get('vertebrae', '?')} vertebrae, {training.get('slices_train', '?')} training and "
         f"{training.get('slices_val', '?')} validation slices, {training.get('malignant_fraction', '?')} malignant |",
         f"| network | {manifest['weights']['num_parameters']:,} parameters, "
