@@ -227,3 +227,19 @@ def test_find_bundles_lists_bundle_folders(saved, tmp_path):
     found = find_bundles(tmp_path / "models", tmp_path / "missing", tmp_path / "models" / "a")
     assert found == [(tmp_path / "models" / "a").absolute(), (tmp_path / "models" / "group" / "b").absolute()]
     assert find_bundles(tmp_path / "models", max_depth=1) == [(tmp_path / "models" / "a").absolute()]
+
+
+def test_the_bundled_model_loads_verified_and_says_what_it_is_for():
+    from hideseek.bundle import load_bundle
+    from hideseek.pipeline import default_model_path
+
+    path = default_model_path()
+    assert (path / "model.safetensors").stat().st_size <= 50 * 2**20
+    bundle = load_bundle(path)  # checksum verified, strict state_dict
+    assert "NOT for clinical use" in bundle.card["intended_use"]
+    assert "import-published" in bundle.card["intended_use"]
+    assert bundle.card["metrics"]["learning_curve"] and bundle.card["metrics"]["edit_calibration"]["chosen"]
+    assert (path / "MODEL_CARD.md").is_file()
+    state = path.parents[1] / "training" / path.name
+    committed = [state / "weights.safetensors", state / "state.json", state / "curve.json"]
+    assert sum(p.stat().st_size for p in committed) <= 40 * 2**20

@@ -37,3 +37,11 @@ def test_demo_never_replaces_an_existing_folder(toy_bundle, tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--model", str(toy_bundle), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_demo_runs_with_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--progress", "none"]) == 0
+    assert "hideseek-phantom-demo" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [v["status"] for v in report["vertebrae"] if v["level"] in DEMO_LEVELS] == ["ok"] * len(DEMO_LEVELS)
