@@ -71,15 +71,13 @@ def occlusion_maps(
         mine = [(y, x) for y, x in corners if bodies[i][y : y + patch, x : x + patch].any()]
         if not mine:
             continue
-        stack = np.repeat(images[i][None], len(mine), axis=0)
+        stack = np.repeat(images[i][None], len(mine) + 1, axis=0)  # the unoccluded image goes last
         for k, (y, x) in enumerate(mine):
             stack[k, y : y + patch, x : x + patch] = fill
         probs = []
-        for s in range(0, len(mine) + 1, batch):  # the unoccluded image goes last
-            chunk = np.concatenate([stack, images[i][None]])[s : s + batch]
-            if len(chunk):
-                z = bundle.dae.encode(torch.from_numpy(chunk)[:, None].to(device))
-                probs.append(bundle.classifier.probability(z).cpu().numpy())
+        for s in range(0, len(stack), batch):
+            z = bundle.dae.encode(torch.from_numpy(stack[s : s + batch])[:, None].to(device))
+            probs.append(bundle.classifier.probability(z).cpu().numpy())
         p = np.concatenate(probs)
         drop, base = np.clip(p[-1] - p[:-1], 0, None), np.zeros((h, w), np.float32)
         cover = np.zeros((h, w), np.float32)
@@ -125,15 +123,7 @@ def _drop_small(label_maps: np.ndarray) -> np.ndarray:
 
 def mean_f1(label_maps: np.ndarray, truth: np.ndarray) -> float:
     """The tuning objective: lesion F1 (IoU >= 0.1) averaged over the two lesion types."""
-    return float(np.mean([_counts(label_maps, truth, k, 0.1, None).f1 for k in KINDS.values()]))
-
-
-def _counts(label_maps, truth, kind: int, iou: float, idx: np.ndarray | None) -> MatchCounts:
-    idx = range(len(truth)) if idx is None else idx
-    total = MatchCounts(0, 0, 0)
-    for i in idx:
-        total = total + match_lesions(label_maps[i], truth[i], kind, iou=iou, min_px=MIN_LESION_PX)
-    return total
+    return float(np.mean([_f1(_per_slice_counts(label_maps, truth, k, 0.1)) for k in KINDS.values()]))
 
 
 def _per_slice_counts(label_maps, truth, kind: int, iou: float) -> np.ndarray:

@@ -442,8 +442,9 @@ def train_bundle(
     method: dict = {"default_preset": "fast"}
     metrics: dict = {"learning_curve": curve}
     if calibrate and (val.lesions > 0).any():
-        fits = {C: fit_classifier(trainer.ema, train, C=C, seed=cfg.seed, z=z_train)
-                for C in (fit_info["C"], fit_info["C"] / 10)}
+        stronger = fit_info["C"] / 10
+        fits = {fit_info["C"]: (classifier, fit_info),
+                stronger: fit_classifier(trainer.ema, train, C=stronger, seed=cfg.seed, z=z_train)}
         cal = calibrate_edit(trainer.ema, diffusion, {C: f[0] for C, f in fits.items()}, val.images, val.lesions,
                              val.bodies)
         classifier, fit_info = fits[cal.C]
