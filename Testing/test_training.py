@@ -164,18 +164,28 @@ def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_re
     prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
     state, bundle_dir = tmp_path / "state", tmp_path / "bundle"
     train_bundle(_toy_slice_set(), bundle_dir, state, _cfg(steps=20), prep, device=torch.device("cpu"),
-                 classifier_C=0.01, eval_every=20, name="toy")
+                 classifier_C=0.01, eval_every=20, name="toy", provenance={"command": "hideseek train A"})
     ema_before = load_bundle(bundle_dir).dae.state_dict()
     (state / EMA_FILE).unlink()
     (state / OPTIMIZER_FILE).unlink()
-    text = {"intended_use": "demonstration only", "limitations": "synthetic data"}
+    text = {"intended_use": "demonstration only", "limitations": "synthetic data",
+            "provenance": {"commands": ["hideseek phantom X"]}}
     out = train_bundle(_toy_slice_set(), bundle_dir, state, _cfg(steps=20), prep, device=torch.device("cpu"),
-                       classifier_C=0.01, time_budget_s=0, overwrite=True, card_text=text, name="toy")
+                       classifier_C=0.01, time_budget_s=0, overwrite=True, card_text=text, name="toy",
+                       provenance={"command": "hideseek train B"})
     bundle = load_bundle(out)
     assert bundle.version == "20" and bundle.card["intended_use"] == "demonstration only"
     for name, tensor in bundle.dae.state_dict().items():
         assert torch.equal(tensor, ema_before[name]), f"the EMA came back from the bundle exactly: {name}"
-    assert "synthetic data" in (out / "MODEL_CARD.md").read_text(encoding="utf-8")
+    # The card names the data command and every run of the training, in order, with the step each began at.
+    assert bundle.card["provenance"]["commands"] == [
+        "hideseek phantom X", "hideseek train A   # from step 0", "hideseek train B   # from step 20"]
+    card_md = (out / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "synthetic data" in card_md and "`hideseek train B   # from step 20`" in card_md
+    chosen = next(r for r in bundle.card["metrics"]["edit_calibration"]["table"]
+                  if r["C"] == bundle.manifest["classifier"]["fit"]["C"]
+                  and r["step_scale"] == bundle.method["presets"]["fast"]["edit_step_scale"])
+    assert f"edit efficacy {chosen['efficacy']:.2f} (target ≥ 0.7)" in card_md
 
 
 def test_split_keeps_vertebrae_whole():
@@ -188,3 +198,49 @@ def test_split_keeps_vertebrae_whole():
     assert set(malignant[held]) == {0, 1}
     for v in range(20):
         assert len(set(held[vertebra == v])) == 1
+
+
+def test_train_command_resumes_and_its_card_names_every_command(tmp_path, monkeypatch, capsys):
+    """`hideseek train` end to end on phantoms (a toy-sized network in place of the demo one, to stay fast)."""
+    from hideseek import training
+    from hideseek.bundle import load_bundle
+    from hideseek.cli import main
+    from hideseek.network import DAEConfig
+    from hideseek.phantom import write_phantom_set
+
+    monkeypatch.setattr(training, "DEMO_ARCHITECTURE", DAEConfig.from_dict(TOY_ARCH | {"image_size": 64}))
+    manifest = write_phantom_set(tmp_path / "data", 2, seed=4, levels=("L1", "L2", "L3"), spacing=1.5,
+                                 size=(120.0, 190.0), lesion_rate=0.5, mimic_rate=0.3)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"limitations": "toy", "data_commands": ["hideseek phantom --seed 4"]}), "utf-8")
+    out, state = tmp_path / "bundle", tmp_path / "state"
+    train = ["train", "--manifest", str(manifest), "--out", str(out), "--state", str(state), "--card", str(card),
+             "--name", "cli-toy", "--no-bf16", "--threads", "1"]
+    assert main([*train, "--steps", "2"]) == 0
+    assert main([*train, "--steps", "4", "--overwrite"]) == 0
+    bundle = load_bundle(out)
+    assert bundle.version == "4" and bundle.card["limitations"] == "toy"
+    command = "hideseek " + " ".join(train)
+    assert bundle.card["provenance"]["commands"] == [
+        "hideseek phantom --seed 4", f"{command} --steps 2   # from step 0",
+        f"{command} --steps 4 --overwrite   # from step 2"]
+    assert "wrote model bundle" in capsys.readouterr().err
+
+    card.write_text(json.dumps({"data_commands": "hideseek phantom"}), "utf-8")
+    before = (out / "model.json").read_bytes()
+    assert main([*train, "--steps", "6", "--overwrite"]) == 2
+    assert "'data_commands' must be a list" in capsys.readouterr().err
+    assert (out / "model.json").read_bytes() == before and json.loads((state / "state.json").read_text())["step"] == 4
+
+
+def test_data_without_both_classes_is_refused_before_training(tmp_path):
+    from hideseek.errors import InputError
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import train_bundle
+
+    data = _toy_slice_set()
+    only_malignant = data.subset(data.malignant == 1)
+    with pytest.raises(InputError, match=r"2 healthy and 2 malignant vertebrae.*has 0 healthy and 4 malignant"):
+        train_bundle(only_malignant, tmp_path / "bundle", tmp_path / "state", _cfg(), Preprocessing(image_size=16),
+                     device=torch.device("cpu"))
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "state").exists()

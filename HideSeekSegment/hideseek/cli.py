@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -205,7 +206,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is the default)")
-    p.add_argument("--card", help="JSON file with the model card's prose: summary, intended_use, licence, limitations")
+    p.add_argument("--card", help="JSON file with the model card's prose: summary, intended_use, licence, limitations, "
+                   "and data_commands (the command lines that made the training data)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.set_defaults(handler=_run_train)
 
@@ -253,7 +255,7 @@ def _run_train(args: argparse.Namespace) -> int:
         slices, args.out, args.state, cfg, prep, device=resolve_device(args.device),
         time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
         classifier_C=args.classifier_c or None, eval_every=args.eval_every, name=args.name,
-        provenance={"manifest": str(args.manifest), "command": "hideseek " + " ".join(sys.argv[1:])},
+        provenance={"manifest": str(args.manifest), "command": args.command_line},
         progress=report, overwrite=args.overwrite, card_text=card_text,
     )
     print(f"\nwrote model bundle {out}", file=sys.stderr)
@@ -267,9 +269,13 @@ def _read_card_text(path: str) -> dict:
     except (OSError, ValueError) as exc:
         raise InputError(f"--card {path}: cannot read it as JSON ({exc})") from exc
     allowed = {"summary", "intended_use", "licence", "limitations"}
+    commands = text.pop("data_commands", []) if isinstance(text, dict) else []
     if not isinstance(text, dict) or not set(text) <= allowed or not all(isinstance(v, str) for v in text.values()):
-        raise InputError(f"--card {path}: must be a JSON object with text fields among {', '.join(sorted(allowed))}")
-    return text
+        raise InputError(f"--card {path}: must be a JSON object with text fields among {', '.join(sorted(allowed))}"
+                         " (and an optional list 'data_commands')")
+    if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+        raise InputError(f"--card {path}: 'data_commands' must be a list of command lines")
+    return text | ({"provenance": {"commands": commands}} if commands else {})
 
 
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
@@ -353,7 +359,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     report = {"model": {"name": bundle.name, "version": bundle.version, "path": str(bundle.path)},
               "preset": preset, "settings": settings.to_dict(), "manifest": str(args.manifest),
-              "command": "hideseek " + " ".join(sys.argv[1:]), **result.report}
+              "command": args.command_line, **result.report}
     table = markdown_table(result.report)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -457,7 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal without UTF-8 must not crash on "mm³" or "Δ"
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "hideseek " + shlex.join(argv)  # recorded in bundles and reports: how to reproduce them
     try:
         return int(args.handler(args) or 0)
     except HideSeekError as exc:

@@ -28,7 +28,7 @@ from .calibration import calibrate_edit
 from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
-from .errors import BundleError
+from .errors import BundleError, InputError
 from .metrics import edit_efficacy
 from .modelcard import write_model_card
 from .network import DAEConfig, DiffusionAutoencoder
@@ -319,6 +319,21 @@ def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
     return weights if manifest["version"] == str(step) and weights.is_file() else None
 
 
+def _check_both_classes(slices: SliceSet) -> None:
+    """Refuse before hours of training what the classifier and the validation split would refuse at the end."""
+    counts = [len(np.unique(slices.vertebra[slices.malignant == label])) for label in (0, 1)]
+    if min(counts) < 2:
+        raise InputError(
+            f"training needs at least 2 healthy and 2 malignant vertebrae (one of each is held out for validation); "
+            f"the data has {counts[0]} healthy and {counts[1]} malignant"
+        )
+
+
+def _run_commands(history: list[dict]) -> list[str]:
+    """The command of every run that led to this state, each with the step it started from."""
+    return [f"{h['run']}   # from step {h['step']}" for h in history if "run" in h]
+
+
 def _eta(to_the_last_step: float, budget_s: float | None, elapsed_s: float) -> float:
     """Seconds left: to the last step, or to the end of the time budget when that comes first."""
     return to_the_last_step if budget_s is None else max(0.0, min(to_the_last_step, budget_s - elapsed_s))
@@ -402,11 +417,16 @@ def train_bundle(
 ) -> Path:
     """Train (or resume) the DAE, fit the latent classifier on its codes and write a bundle with a model card.
 
-    ``card_text`` sets the card's prose (summary, intended_use, licence, limitations); a time budget of 0
-    re-exports the bundle from the saved state without training. ``calibrate`` chooses the classifier's C
+    ``card_text`` sets the card's prose (summary, intended_use, licence, limitations) and may add provenance,
+    e.g. the commands that made the data; the command of every training run is kept in the state's history and
+    listed after them, so the card of a model trained over several sessions names all of them. A time budget of
+    0 re-exports the bundle from the saved state without training. ``calibrate`` chooses the classifier's C
     (the given one or ten times stronger) and the edit step on validation lesions (calibration.py).
     """
+    _check_both_classes(slices)
     state_dir = Path(state_dir)
+    text = dict(card_text or {})
+    provenance = (provenance or {}) | text.pop("provenance", {})
     diffusion = DiffusionConfig()
     held = split_by_vertebra(slices.vertebra, slices.malignant, 0.1, cfg.seed)
     train, val = slices.subset(~held), slices.subset(held)
@@ -415,6 +435,8 @@ def train_bundle(
         trainer = Trainer.resume(state_dir, device, ema_fallback=_bundle_ema(out_dir, state_dir), **changeable)
     else:
         trainer = Trainer(cfg, diffusion, device)
+    if "command" in provenance:  # every run of a resumed training is in its history, hence in the card
+        trainer.history.append({"step": trainer.step, "run": provenance["command"]})
     curve: list[dict] = (
         json.loads((state_dir / "curve.json").read_text(encoding="utf-8"))
         if (state_dir / "curve.json").is_file()
@@ -465,8 +487,8 @@ def train_bundle(
             "loss": trainer.history[-20:],
         },
         "metrics": metrics,
-        "provenance": provenance or {},
-    } | (card_text or {})
+        "provenance": provenance | {"commands": provenance.get("commands", []) + _run_commands(trainer.history)},
+    } | text
     return save_bundle(
         out_dir,
         trainer.ema,
