@@ -26,7 +26,7 @@ def write_model_card(folder: Path, manifest: dict) -> None:
         "",
         f"**Limitations.** {card.get('limitations') or 'not stated'}",
         "",
-        *_measured(card.get("metrics", {})),
+        *_measured(card.get("metrics", {}), training.get("steps", "?")),
         f"**Licence.** {card.get('licence') or 'not stated'}",
         "",
         "## Training",
@@ -86,18 +86,23 @@ def write_model_card(folder: Path, manifest: dict) -> None:
     (folder / CARD_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _measured(metrics: dict) -> list[str]:
-    """One line with where the model stands against the edit targets, read from its own metrics."""
+def _measured(metrics: dict, step: int | str) -> list[str]:
+    """One line with where the model stands against the edit targets, read from its own metrics.
+
+    The calibration ran on the exported weights (``step``); the AUC comes from the last learning-curve point,
+    which a run stopped by its time budget may have passed.
+    """
     curve, calibration = metrics.get("learning_curve", []), metrics.get("edit_calibration")
     if not curve or not calibration:
         return []
     chosen = calibration["chosen"]
     row = next(r for r in calibration["table"] if r["C"] == chosen["C"] and r["step_scale"] == chosen["step_scale"])
     return [
-        f"**Measured (validation, step {curve[-1]['step']}).** With the calibrated edit (C = {chosen['C']:g}, step "
+        f"**Measured (validation, step {step}).** With the calibrated edit (C = {chosen['C']:g}, step "
         f"× {chosen['step_scale']:g}): edit efficacy {row['efficacy']:.2f} (target ≥ 0.7), change outside lesions "
         f"{row['outside_ratio']:.2f} of the change inside (target ≤ 0.1), P(malignant) of the re-encoded edit "
-        f"{row['p_reencoded_edit']:.2f}; latent classifier AUC {curve[-1].get('val_auc', float('nan')):.2f}.",
+        f"{row['p_reencoded_edit']:.2f}; latent classifier AUC {curve[-1].get('val_auc', float('nan')):.2f} "
+        f"(step {curve[-1]['step']}).",
         "",
     ]
 
