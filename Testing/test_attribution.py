@@ -19,11 +19,14 @@ from hideseek.attribution import (
     candidate_maps,
     composite,
     normalized_delta,
+    search_region,
     settings_for,
     split_components,
 )
+from hideseek.calibration import tune_candidates
 from hideseek.classifier import LatentClassifier
 from hideseek.errors import Cancelled
+from hideseek.metrics import mean_lesion_f1
 from hideseek.network import DAEConfig, DiffusionAutoencoder
 from hideseek.sampler import DiffusionConfig
 
@@ -97,6 +100,23 @@ def test_candidates_split_by_sign_inside_the_body_above_the_median():
     assert blastic.sum() == 0  # all equal: nothing strictly above their median
     lytic0, blastic0 = candidate_maps(recon, edit, body, 0.0)
     assert blastic0.sum() == 0 and lytic0.sum() == 3
+
+
+def test_the_search_region_keeps_off_the_body_outline_and_below_the_change_floor():
+    body = np.zeros((12, 12), bool)
+    body[2:10, 2:10] = True
+    recon = np.zeros((12, 12), np.float32)
+    edit = recon.copy()
+    edit[2:10, 2:10] = 0.2  # the whole body changes, its outline included
+    edit[5:7, 5:7] = 0.02  # a weak change in the middle
+    assert np.array_equal(search_region(body, recon, edit, 0, 0.0), body)
+    inner = search_region(body, recon, edit, 2, 0.0)
+    assert inner.sum() == 4 * 4 and inner[4:8, 4:8].all()  # two pixels in from every side
+    strong = search_region(body, recon, edit, 2, 0.05)
+    assert strong.sum() == 16 - 4 and not strong[5:7, 5:7].any()
+    assert not search_region(np.zeros_like(body), recon, edit, 2, 0.0).any()
+    with pytest.raises(ValueError, match="must not be negative"):
+        AttributionSettings(body_margin_px=-1)
 
 
 def test_connectivity_decides_whether_diagonal_pixels_join():
@@ -212,3 +232,26 @@ def test_shape_mismatch_is_rejected(tiny, classifier, slices):
     img, body = slices
     with pytest.raises(ValueError, match="same"):
         _run(tiny, classifier, img, body[:2])
+
+
+def test_edit_then_seek_is_the_run_and_tuning_reproduces_its_choice(tiny, classifier, slices):
+    img, body = slices
+    truth = np.zeros(img.shape, np.uint8)
+    truth[1, 12:17, 12:17] = LYTIC
+    truth[2, 14:19, 10:15] = BLASTIC
+    method = HideAndSeek(tiny, DiffusionConfig(), classifier, FAST)
+    staged = method.seek(method.edit(img), body)
+    for a, b in zip(staged, method.run(img, body), strict=True):
+        assert np.array_equal(a.edit, b.edit) and [c.delta for c in a.candidates] == [c.delta for c in b.candidates]
+    grid = {"body_margin_px": (0, 2), "min_change": (0.0, 0.05), "candidate_quantile": (0.5,)}
+    tuning = tune_candidates(method, img, body, truth, grid=grid, thresholds=(0.5, 0.0))
+    assert len(tuning.table) == 2 * 2 * 2 and tuning.slices == 4
+    assert tuning.table[0]["f1"] == tuning.f1 == max(r["f1"] for r in tuning.table)
+    assert tuning.default_f1 == next(r["f1"] for r in tuning.table if r["body_margin_px"] == 0
+                                     and r["min_change"] == 0.0 and r["delta_threshold"] == 0.5)
+    # The chosen settings, run from scratch, score what the tuning said.
+    chosen = HideAndSeek(tiny, DiffusionConfig(), classifier, FAST.with_overrides(**tuning.settings)).run(img, body)
+    maps = np.stack([r.label_map() for r in chosen])
+    assert mean_lesion_f1(maps, truth, (LYTIC, BLASTIC)) == pytest.approx(tuning.f1, abs=1e-4)
+    with pytest.raises(ValueError, match="true lesions"):
+        tune_candidates(method, img, body, np.zeros_like(truth), grid=grid)

@@ -32,6 +32,13 @@ def test_segment_writes_the_outputs_and_a_summary(ts, toy_bundle, tmp_path, caps
     assert (tmp_path / "out" / "report.json").is_file()
 
 
+def test_method_settings_from_the_command_line_reach_the_report(ts, toy_bundle, tmp_path):
+    extra = ("--levels", "L1", "--quiet", "--delta-threshold", "0.7", "--body-margin", "3", "--min-change", "0.05")
+    assert _segment(*ts, tmp_path / "out", *extra, model=toy_bundle) == 0
+    settings = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))["settings"]
+    assert (settings["delta_threshold"], settings["body_margin_px"], settings["min_change"]) == (0.7, 3, 0.05)
+
+
 def test_json_progress_lines_for_scripts(ts, toy_bundle, tmp_path, capsys):
     assert _segment(*ts, tmp_path / "out", "--progress", "json", "--levels", "L1", model=toy_bundle) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -9,7 +9,7 @@ import pytest
 
 from hideseek.cli import main
 from hideseek.dataset import SliceSet
-from hideseek.evaluation import mean_f1, score_method, split_validation, threshold_maps
+from hideseek.evaluation import difference_maps, mean_f1, score_method, split_validation, threshold_maps
 from hideseek.phantom import write_phantom_set
 
 
@@ -98,3 +98,20 @@ def test_cli_refuses_a_manifest_without_truth(toy_bundle, tmp_path, small_phanto
                  str(toy_bundle)]) == 2
     assert "no lesion truth" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_difference_map_baseline_searches_the_methods_region():
+    """An edit that redraws the body outline: the method's margin keeps the baseline off it too."""
+    from hideseek.attribution import SliceResult
+
+    data = _slice_set(1)
+    recon = np.full((32, 32), 0.3, np.float32)
+    edit = recon + 0.05 * data.bodies[0]
+    ring = data.bodies[0] & ~np.pad(np.ones((20, 20), bool), 6)
+    edit[ring] += 0.25  # the outline, two pixels wide
+    edit[6:12, 6:12] += 0.25  # the lytic lesion (the edit fills it in)
+    result = SliceResult(data.images[0], recon, edit, 0.9, 0.0, np.zeros((32, 32), bool))
+    plain = difference_maps([result], data.bodies, min_change=0.0, margin_px=0)
+    assert (plain[0][ring] == 1).all()
+    inner = difference_maps([result], data.bodies, min_change=0.0, margin_px=2)
+    assert not inner[0][ring].any() and score_method(inner, data, reps=5)["lytic"]["f1 IoU>=0.1"] == 1.0

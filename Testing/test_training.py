@@ -145,7 +145,10 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     calibration = card["metrics"]["edit_calibration"]
     assert len(calibration["table"]) == 8  # two classifier strengths x four edit steps
     chosen = calibration["chosen"]
-    assert bundle.method["presets"]["fast"] == {"edit_step_scale": chosen["step_scale"]}
+    tuning = card["metrics"]["candidate_tuning"]
+    assert bundle.method["presets"]["fast"] == {"edit_step_scale": chosen["step_scale"], **tuning["chosen"]}
+    assert tuning["slices"] == 2  # the middle slice of each validation vertebra (one per class)
+    assert tuning["f1"] == tuning["best"][0]["f1"] >= tuning["default_f1"]
     assert bundle.manifest["classifier"]["fit"]["C"] == chosen["C"]
     # Resuming continues the same run and keeps its curve.
     out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
@@ -225,6 +228,11 @@ def test_train_command_resumes_and_its_card_names_every_command(tmp_path, monkey
         "hideseek phantom --seed 4", f"{command} --steps 2   # from step 0",
         f"{command} --steps 4 --overwrite   # from step 2"]
     assert "wrote model bundle" in capsys.readouterr().err
+    # The two validation vertebrae show no lesion in their middle slices: the card says the defaults apply.
+    assert bundle.card["metrics"]["candidate_tuning"] == {
+        "skipped": "no lesion in the middle slices of the validation vertebrae"}
+    assert "were not tuned" in (out / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "body_margin_px" not in bundle.method["presets"]["fast"]
 
     card.write_text(json.dumps({"data_commands": "hideseek phantom"}), "utf-8")
     before = (out / "model.json").read_bytes()

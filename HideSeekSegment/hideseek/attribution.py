@@ -4,12 +4,15 @@
 2. move z along the latent classifier's normal to P(malignant) = target and decode with the same x_T:
    the *healthy edit*;
 3. lytic candidates = where the edit is brighter than the reconstruction, blastic = where it is darker,
-   inside the vertebral body, each above the median of its positive values, split into components;
+   inside the vertebral body, each above the median of its positive values, split into components (a model's
+   bundle may keep them a few pixels inside the body outline and above an absolute change: an imperfect edit
+   redraws the cortical shell of every vertebra);
 4. hide-and-seek: reveal one candidate from the reconstruction, replace all other candidates by the edit,
    (optionally) project the composite back through the DAE, re-encode, and measure the candidate's share
    Δ = (p − p_healthy) / (p_malignant − p_healthy) of the malignant score; keep Δ above a threshold.
 
-All slices of a call and all their candidates run in network batches; nothing here knows about volumes.
+All slices of a call and all their candidates run in network batches; nothing here knows about volumes. Steps 1-2
+(``edit``) and 3-4 (``seek``) are separate so that candidate settings can be tuned on one set of edits.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class AttributionSettings:
     target_probability: float = 1e-5  # P(malignant) of the healthy edit's latent
     edit_step_scale: float = 1.0  # >1 moves past the target along the normal
     candidate_quantile: float = 0.5  # threshold = this quantile of a map's positive values
+    body_margin_px: int = 0  # candidates stay this many pixels inside the body outline
+    min_change: float = 0.0  # candidates need |edit - recon| above this (model intensity units)
     min_component_px: int = 5  # smaller candidate components are not scored (they stay hidden)
     connectivity: int = 4  # 4 or 8 neighbours for candidate components
     harmonize: bool = True  # DAE round trip of each composite before re-encoding (the published way)
@@ -61,6 +66,8 @@ class AttributionSettings:
             raise ValueError(f"connectivity must be 4 or 8, got {self.connectivity}")
         if self.batch_size < 1 or self.min_component_px < 1:
             raise ValueError("batch_size and min_component_px must be positive")
+        if self.body_margin_px < 0 or self.min_change < 0:
+            raise ValueError("body_margin_px and min_change must not be negative")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,11 +133,13 @@ class SliceResult:
     def lesions(self) -> list[Candidate]:
         return [c for c in self.candidates if c.delta > self.delta_threshold]
 
-    def label_map(self) -> np.ndarray:
-        """(H, W) uint8: 0 background, 1 lytic, 2 blastic (kept lesions only)."""
+    def label_map(self, delta_threshold: float | None = None) -> np.ndarray:
+        """(H, W) uint8: 0 background, 1 lytic, 2 blastic (kept lesions; another Δ threshold may be given)."""
+        threshold = self.delta_threshold if delta_threshold is None else delta_threshold
         out = np.zeros(self.recon.shape, dtype=np.uint8)
-        for lesion in self.lesions:
-            out[lesion.mask] = lesion.kind
+        for lesion in self.candidates:
+            if lesion.delta > threshold:
+                out[lesion.mask] = lesion.kind
         return out
 
 
@@ -142,6 +151,14 @@ def candidate_maps(
     lytic = _above_quantile(np.clip(diff, 0, None), quantile)
     blastic = _above_quantile(np.clip(-diff, 0, None), quantile)
     return lytic, blastic
+
+
+def search_region(
+    body: np.ndarray, recon: np.ndarray, edit: np.ndarray, margin_px: int, min_change: float
+) -> np.ndarray:
+    """Where candidates may lie: the body shrunk by ``margin_px``, where the edit changed more than ``min_change``."""
+    inner = ndimage.binary_erosion(body, iterations=margin_px) if margin_px and body.any() else body
+    return inner & (np.abs(edit - recon) > min_change)
 
 
 def _above_quantile(values: np.ndarray, quantile: float) -> np.ndarray:
@@ -165,6 +182,18 @@ def composite(recon: torch.Tensor, edit: torch.Tensor, hide: torch.Tensor) -> to
 def normalized_delta(p: np.ndarray, p_healthy: np.ndarray, p_malignant: np.ndarray) -> np.ndarray:
     """Share of the malignant score that a revealed region restores (1 = all of it, 0 = none)."""
     return (p - p_healthy) / (p_malignant - p_healthy + 1e-8)
+
+
+@dataclass
+class Edits:
+    """Steps 1-2 for a batch of slices: what every candidate setting of steps 3-4 starts from."""
+
+    images: np.ndarray  # (N, H, W) the normalised inputs
+    recon: torch.Tensor  # (N, 1, H, W) on the model's device
+    edit: torch.Tensor  # (N, 1, H, W); equals recon where not active
+    p_malignant: np.ndarray  # (N,)
+    p_healthy: np.ndarray  # (N,)
+    active: np.ndarray  # (N,) bool: slices that were edited
 
 
 class HideAndSeek:
@@ -215,9 +244,8 @@ class HideAndSeek:
             out.append(run(self._denoise, x[b], z[b], callback=lambda _i, _n, k=size: tick(k)))
         return torch.cat(out)
 
-    # -- the method -----------------------------------------------------------------------------------
+    # -- the method ---------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def run(self, images: np.ndarray, bodies: np.ndarray, progress: Progress | None = None) -> list[SliceResult]:
         """Attribute every slice: ``images`` (N, H, W) in the model's intensity range, ``bodies`` the same bool."""
         images = np.asarray(images, dtype=np.float32)
@@ -226,10 +254,16 @@ class HideAndSeek:
             raise ValueError(
                 f"need images and body masks of the same (N, H, W) shape, got {images.shape} and {bodies.shape}"
             )
-        s = self.settings
-        n = len(images)
-        counter = _Counter(progress, total=n * (self._enc.steps + 2 * self._dec.steps))
+        counter = _Counter(progress, total=len(images) * (self._enc.steps + 2 * self._dec.steps))
+        return self.seek(self.edit(images, counter), bodies, counter)
 
+    @torch.inference_mode()
+    def edit(self, images: np.ndarray, counter: _Counter | None = None) -> Edits:
+        """Steps 1-2: reconstruction and healthy edit of (N, H, W) slices in the model's intensity range."""
+        s = self.settings
+        images = np.asarray(images, dtype=np.float32)
+        n = len(images)
+        counter = counter or _Counter(None, 0)
         x = torch.from_numpy(images)[:, None].to(self.device)
         z = self._encode_z(x)
         p_malignant = self.classifier.probability(z).cpu().numpy()
@@ -250,11 +284,17 @@ class HideAndSeek:
         if active.any():
             on = active.to(self.device)
             edit[on] = self._ddim(self._dec, False, xT[on], z_edit[on], counter.tick)
+        return Edits(images, recon, edit, p_malignant, p_healthy, active.numpy())
 
+    @torch.inference_mode()
+    def seek(self, edits: Edits, bodies: np.ndarray, counter: _Counter | None = None) -> list[SliceResult]:
+        """Steps 3-4 on the output of ``edit`` (made by a method with the same edit settings)."""
+        s = self.settings
         results = []
-        for i in range(n):
-            r, e = recon[i, 0].cpu().numpy(), edit[i, 0].cpu().numpy()
-            lytic, blastic = candidate_maps(r, e, bodies[i] & bool(active[i]), s.candidate_quantile)
+        for i in range(len(edits.images)):
+            r, e = edits.recon[i, 0].cpu().numpy(), edits.edit[i, 0].cpu().numpy()
+            region = search_region(bodies[i] & bool(edits.active[i]), r, e, s.body_margin_px, s.min_change)
+            lytic, blastic = candidate_maps(r, e, region, s.candidate_quantile)
             cands = [
                 Candidate(kind, m)
                 for kind, mask in ((LYTIC, lytic), (BLASTIC, blastic))
@@ -263,20 +303,20 @@ class HideAndSeek:
             ]
             results.append(
                 SliceResult(
-                    images[i],
+                    edits.images[i],
                     r,
                     e,
-                    float(p_malignant[i]),
-                    float(p_healthy[i]),
+                    float(edits.p_malignant[i]),
+                    float(edits.p_healthy[i]),
                     lytic | blastic,
                     cands,
                     s.delta_threshold,
                 )
             )
-        self._score(results, recon, edit, p_malignant, p_healthy, counter)
+        self._score(results, edits, counter or _Counter(None, 0))
         return results
 
-    def _score(self, results, recon, edit, p_malignant, p_healthy, counter: _Counter) -> None:
+    def _score(self, results: list[SliceResult], edits: Edits, counter: _Counter) -> None:
         """Δ of every candidate of every slice, all composites batched together."""
         owners = [(i, c) for i, res in enumerate(results) for c in res.candidates]
         if not owners:
@@ -287,10 +327,10 @@ class HideAndSeek:
         # Every other candidate pixel (small, unscored components included) is hidden under the edit.
         hide = np.stack([results[i].candidate_mask & ~c.mask for i, c in owners])
         idx = torch.tensor([i for i, _ in owners], device=self.device)
-        comp = composite(recon[idx], edit[idx], torch.from_numpy(hide)[:, None].to(self.device))
+        comp = composite(edits.recon[idx], edits.edit[idx], torch.from_numpy(hide)[:, None].to(self.device))
         p = self.classifier.probability(self._rescore_latent(comp, counter)).cpu().numpy()
         owner_idx = idx.cpu().numpy()
-        deltas = normalized_delta(p, p_healthy[owner_idx], p_malignant[owner_idx])
+        deltas = normalized_delta(p, edits.p_healthy[owner_idx], edits.p_malignant[owner_idx])
         for (_, cand), prob, delta in zip(owners, p, deltas, strict=True):
             cand.probability, cand.delta = float(prob), float(delta)
 

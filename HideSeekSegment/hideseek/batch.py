@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -44,7 +44,7 @@ class RunOptions:
 
     model: str | None = None
     preset: str | None = None
-    delta_threshold: float | None = None
+    overrides: dict = field(default_factory=dict)  # method settings, e.g. {"delta_threshold": 0.6}
     mode: str = "mid"
     device: str = "auto"
     threads: int | None = None
@@ -98,11 +98,10 @@ def run_case(case: Case, out_dir: str, options: RunOptions) -> dict:
 
         log.write(f"case {case.name}: {asdict(case)}\noptions: {asdict(options)}\n")
         try:
-            overrides = None if options.delta_threshold is None else {"delta_threshold": options.delta_threshold}
             result = segment_ct(case.ct, case.vertebrae, body_mask=case.body_mask, subregions=case.subregions,
                                 label_format=case.label_format, levels=case.levels, mode=options.mode,
                                 model=_cached_bundle(options.model, options.device), preset=options.preset,
-                                overrides=overrides, progress=progress)  # fmt: skip
+                                overrides=options.overrides, progress=progress)  # fmt: skip
             write_outputs(result, out, overwrite=True)
         except Exception as exc:  # one bad case must not stop a cohort: it is reported and retried next run
             log.write(traceback.format_exc())

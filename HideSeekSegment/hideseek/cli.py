@@ -52,9 +52,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model bundle folder (default: $HIDESEEK_MODEL or the bundled demo model)")
     p.add_argument("--preset", choices=["fast", "published"], help="method preset (default: the model's own)")
     p.add_argument("--delta-threshold", type=float, help="keep candidates whose Δ score is above this (0..1)")
+    p.add_argument("--body-margin", type=int, metavar="PX",
+                   help="candidates stay this many slice pixels inside the body outline (default: the model's)")
+    p.add_argument("--min-change", type=float,
+                   help="candidates need |edit - recon| above this, in model intensity units (default: the model's)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _setting_overrides(args: argparse.Namespace) -> dict:
+    """The method settings given on the command line (the rest come from the preset and the model)."""
+    given = {"delta_threshold": args.delta_threshold, "body_margin_px": args.body_margin,
+             "min_change": args.min_change}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -142,7 +153,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         from .dicomseg import check_referencable, write_dicom_seg
 
         check_referencable(series_files, args.ct)
-    overrides = {} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}
+    overrides = _setting_overrides(args)
     printer = _ProgressPrinter("none" if args.quiet else args.progress)
     try:
         result = segment_ct(
@@ -341,7 +352,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     _apply_threads(args)
     check_output_dir(args.out, args.overwrite)
     bundle = load_bundle(args.model or default_model_path(), device=resolve_device(args.device))
-    overrides = {} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}
+    overrides = _setting_overrides(args)
     preset, settings = resolve_settings(bundle, args.preset, overrides)
     cache = Path(args.slices) if args.slices else None
     if cache is not None and cache.is_file():
@@ -388,7 +399,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _apply_threads(args)
-    overrides = {} if args.delta_threshold is None else {"delta_threshold": args.delta_threshold}
+    overrides = _setting_overrides(args)
     printer = _ProgressPrinter("none" if args.quiet else args.progress)
     try:
         result, comparison = run_demo(args.out, overwrite=args.overwrite, model=args.model, preset=args.preset,
@@ -430,7 +441,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
 def _run_batch(args: argparse.Namespace) -> int:
     from .batch import RunOptions, run_batch
 
-    options = RunOptions(model=args.model, preset=args.preset, delta_threshold=args.delta_threshold,
+    options = RunOptions(model=args.model, preset=args.preset, overrides=_setting_overrides(args),
                          mode=args.mode, device=args.device, threads=args.threads)
     counts: dict[str, int] = {}
 

@@ -45,6 +45,11 @@ class SliceSet:
             **{f.name: getattr(self, f.name)[keep] if f.name != "names" else self.names for f in fields(self)}
         )
 
+    def middle_slices(self) -> np.ndarray:
+        """Index of the middle slice of each vertebra (in set order): the nearest to the paper's ``mid`` mode."""
+        per_vertebra = [np.flatnonzero(self.vertebra == v) for v in np.unique(self.vertebra)]
+        return np.array([ix[len(ix) // 2] for ix in per_vertebra], dtype=int)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in fields(self)})

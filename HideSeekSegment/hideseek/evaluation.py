@@ -4,7 +4,8 @@ Every method turns one mid-sagittal slice per vertebra into a 0/1/2 label map in
 
 - ``hide-and-seek``: the bundle's method with its frozen Δ threshold;
 - ``difference map``: the same model's healthy edit minus reconstruction, above its median (as the method's
-  candidates) and above an absolute change tuned on the validation split — no hide-and-seek;
+  candidates, in the same body region) and above an absolute change tuned on the validation split — no
+  hide-and-seek;
 - ``occlusion``: how much P(malignant) drops when a patch is replaced by the body's median intensity (latent
   classifier through the encoder), thresholded; type from the pixel's brightness against the body median;
 - ``HU threshold``: bright (blastic) / dark (lytic) pixels inside the body, both thresholds tuned.
@@ -23,11 +24,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attribution import BLASTIC, LYTIC, HideAndSeek, SliceResult, candidate_maps
+from .attribution import BLASTIC, LYTIC, HideAndSeek, SliceResult, candidate_maps, search_region
 from .bundle import ModelBundle
 from .classifier import roc_auc
 from .dataset import SliceSet
-from .metrics import MatchCounts, bootstrap_ci, components, dice, flagged_mimics, match_lesions, pooled_dice
+from .metrics import (
+    bootstrap_ci,
+    components,
+    dice,
+    flagged_mimics,
+    lesion_counts,
+    mean_lesion_f1,
+    pooled_dice,
+    pooled_f1,
+)
 
 KINDS = {"lytic": LYTIC, "blastic": BLASTIC}
 IOU_LEVELS = {"any overlap": 0.0, "IoU>=0.1": 0.1, "IoU>=0.5": 0.5}
@@ -46,12 +56,15 @@ class MethodOutput:
 # -- the baselines ------------------------------------------------------------------------------------------
 
 
-def difference_maps(results: list[SliceResult], bodies: np.ndarray, min_change: float) -> np.ndarray:
-    """The method's candidate maps (median of the signed difference) with an absolute floor on |edit - recon|."""
+def difference_maps(
+    results: list[SliceResult], bodies: np.ndarray, min_change: float, margin_px: int = 0
+) -> np.ndarray:
+    """The method's candidate maps (median of the signed difference, in the same search region) with a tuned
+    absolute floor on |edit - recon|, every candidate kept."""
     out = np.zeros(bodies.shape, dtype=np.uint8)
     for i, r in enumerate(results):
-        strong = np.abs(r.edit - r.recon) > min_change
-        lytic, blastic = candidate_maps(r.recon, r.edit, bodies[i] & strong, 0.5)
+        region = search_region(bodies[i], r.recon, r.edit, margin_px, min_change)
+        lytic, blastic = candidate_maps(r.recon, r.edit, region, 0.5)
         out[i][lytic] = LYTIC
         out[i][blastic] = BLASTIC
     return _drop_small(out)
@@ -123,23 +136,7 @@ def _drop_small(label_maps: np.ndarray) -> np.ndarray:
 
 def mean_f1(label_maps: np.ndarray, truth: np.ndarray) -> float:
     """The tuning objective: lesion F1 (IoU >= 0.1) averaged over the two lesion types."""
-    return float(np.mean([_f1(_per_slice_counts(label_maps, truth, k, 0.1)) for k in KINDS.values()]))
-
-
-def _per_slice_counts(label_maps, truth, kind: int, iou: float) -> np.ndarray:
-    return np.array(
-        [
-            [c.tp, c.fp, c.fn]
-            for c in (
-                match_lesions(p, t, kind, iou=iou, min_px=MIN_LESION_PX) for p, t in zip(label_maps, truth, strict=True)
-            )
-        ]
-    )
-
-
-def _f1(counts: np.ndarray) -> float:
-    tp, fp, fn = counts.sum(axis=0) if len(counts) else (0, 0, 0)
-    return MatchCounts(int(tp), int(fp), int(fn)).f1
+    return mean_lesion_f1(label_maps, truth, list(KINDS.values()), iou=0.1, min_px=MIN_LESION_PX)
 
 
 def score_method(label_maps: np.ndarray, data: SliceSet, *, reps: int = 1000, seed: int = 0) -> dict:
@@ -149,15 +146,15 @@ def score_method(label_maps: np.ndarray, data: SliceSet, *, reps: int = 1000, se
     for name, kind in KINDS.items():
         row: dict = {}
         for label, iou in IOU_LEVELS.items():
-            per = _per_slice_counts(label_maps, truth, kind, iou)
+            per = lesion_counts(label_maps, truth, kind, iou=iou, min_px=MIN_LESION_PX)
             tp, fp, fn = (int(v) for v in per.sum(axis=0))
-            row[f"f1 {label}"] = MatchCounts(tp, fp, fn).f1
+            row[f"f1 {label}"] = pooled_f1(per)
             if iou == 0.1:
                 row |= {
                     "tp": tp,
                     "fp": fp,
                     "fn": fn,
-                    "f1 ci": bootstrap_ci(len(per), lambda ix, per=per: _f1(per[ix]), reps=reps, seed=seed),
+                    "f1 ci": bootstrap_ci(len(per), lambda ix, per=per: pooled_f1(per[ix]), reps=reps, seed=seed),
                 }
         pred_k = (label_maps == kind) & bodies
         true_k = (truth == kind) & bodies
@@ -236,14 +233,20 @@ def evaluate(
     say("occlusion maps of the latent classifier")
     occ = occlusion_maps(bundle, data.images, data.bodies)
     bodies, images = data.bodies, data.images
-    outputs = [MethodOutput("hide-and-seek", hs, {"delta threshold": method.settings.delta_threshold})]
+    frozen = {k: getattr(method.settings, k) for k in ("delta_threshold", "body_margin_px", "min_change",
+                                                       "candidate_quantile")}
+    outputs = [MethodOutput("hide-and-seek", hs, {"frozen from the model": frozen})]
     res_val = [results[i] for i in val]
+    margin = method.settings.body_margin_px
     tuned = _tune(
-        lambda min_change: difference_maps(res_val, bodies[val], min_change),
+        lambda min_change: difference_maps(res_val, bodies[val], min_change, margin),
         [{"min_change": c} for c in (0.0, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15)],
         data.lesions[val],
     )
-    outputs.append(MethodOutput("difference map", difference_maps(results, bodies, tuned["min_change"]), tuned))
+    outputs.append(
+        MethodOutput("difference map", difference_maps(results, bodies, tuned["min_change"], margin),
+                     {**tuned, "body margin px (the method's)": margin})
+    )
     top = float(np.quantile(occ[bodies], 0.999)) if bodies.any() else 1.0
     tuned = _tune(
         lambda threshold: typed_by_brightness(occ[val], images[val], bodies[val], threshold),

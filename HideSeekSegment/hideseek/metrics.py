@@ -51,6 +51,24 @@ def match_lesions(pred: np.ndarray, truth: np.ndarray, kind: int, *, iou: float 
     return MatchCounts(hits, len(p) - hits, len(t) - hits)
 
 
+def lesion_counts(label_maps: np.ndarray, truth: np.ndarray, kind: int, *, iou: float, min_px: int = 5) -> np.ndarray:
+    """(N, 3) true positives, false positives and misses of ``kind`` per slice of (N, H, W) label maps."""
+    counts = [match_lesions(p, t, kind, iou=iou, min_px=min_px) for p, t in zip(label_maps, truth, strict=True)]
+    return np.array([[c.tp, c.fp, c.fn] for c in counts], dtype=int).reshape(-1, 3)
+
+
+def pooled_f1(counts: np.ndarray) -> float:
+    """Lesion F1 of per-slice counts from ``lesion_counts``, pooled over the slices."""
+    tp, fp, fn = (int(v) for v in counts.sum(axis=0)) if len(counts) else (0, 0, 0)
+    return MatchCounts(tp, fp, fn).f1
+
+
+def mean_lesion_f1(label_maps: np.ndarray, truth: np.ndarray, kinds: Sequence[int], *, iou: float = 0.1,
+                   min_px: int = 5) -> float:
+    """Pooled lesion F1 averaged over lesion types: the one number thresholds are tuned on."""
+    return float(np.mean([pooled_f1(lesion_counts(label_maps, truth, k, iou=iou, min_px=min_px)) for k in kinds]))
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = np.logical_and(a, b).sum()
     return float(inter / np.logical_or(a, b).sum()) if inter else 0.0

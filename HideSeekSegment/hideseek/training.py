@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .attribution import AttributionSettings, HideAndSeek, settings_for
 from .bundle import read_bundle_manifest, save_bundle
-from .calibration import calibrate_edit
+from .calibration import calibrate_edit, tune_candidates
 from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
@@ -470,8 +470,20 @@ def train_bundle(
         cal = calibrate_edit(trainer.ema, diffusion, {C: f[0] for C, f in fits.items()}, val.images, val.lesions,
                              val.bodies)
         classifier, fit_info = fits[cal.C]
-        method["presets"] = {preset: {"edit_step_scale": cal.step_scale} for preset in ("fast", "published")}
         metrics["edit_calibration"] = {"chosen": {"C": cal.C, "step_scale": cal.step_scale}, "table": cal.table}
+        chosen = {"edit_step_scale": cal.step_scale}
+        mid = val.subset(val.middle_slices())
+        if (mid.lesions > 0).any():
+            tuned = settings_for("fast", **chosen)
+            tuning = tune_candidates(HideAndSeek(trainer.ema, diffusion, classifier, tuned), mid.images, mid.bodies,
+                                     mid.lesions)
+            chosen |= tuning.settings
+            metrics["candidate_tuning"] = {"chosen": tuning.settings, "f1": tuning.f1, "slices": tuning.slices,
+                                           "default_f1": tuning.default_f1, "preset": "fast",
+                                           "best": tuning.table[:10]}
+        else:
+            metrics["candidate_tuning"] = {"skipped": "no lesion in the middle slices of the validation vertebrae"}
+        method["presets"] = {preset: chosen for preset in ("fast", "published")}
     card = {
         "summary": f"Diffusion autoencoder + latent classifier trained with hideseek {__version__}.",
         "intended_use": "Research use only; not a medical device. Validate on your own data before relying on it.",
