@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hideseek.attribution import HideAndSeek, settings_for
+from hideseek.attribution import HideAndSeek
 from hideseek.bundle import load_bundle
 from hideseek.dataset import SliceSet, build_slice_set
 from hideseek.evaluation import score_method
-from hideseek.pipeline import default_model_path
+from hideseek.pipeline import default_model_path, resolve_settings
 
 VARIANTS = {
     "published": {},
@@ -43,7 +43,7 @@ def pick_slices(data: SliceSet, n: int) -> np.ndarray:
 
 def run_variant(bundle, name: str, overrides: dict, data: SliceSet) -> dict:
     base = "published" if name == "published" else "fast"
-    settings = settings_for(base, **overrides)
+    _, settings = resolve_settings(bundle, base, overrides)  # the model's tuning of the preset, then the variant
     passes = {"total": 0}
 
     def count(_stage: str, done: int, _total: int) -> None:
