@@ -131,15 +131,16 @@ class SliceResult:
 
     @property
     def lesions(self) -> list[Candidate]:
-        return [c for c in self.candidates if c.delta > self.delta_threshold]
+        return self.kept(self.delta_threshold)
+
+    def kept(self, delta_threshold: float) -> list[Candidate]:
+        return [c for c in self.candidates if c.delta > delta_threshold]
 
     def label_map(self, delta_threshold: float | None = None) -> np.ndarray:
         """(H, W) uint8: 0 background, 1 lytic, 2 blastic (kept lesions; another Δ threshold may be given)."""
-        threshold = self.delta_threshold if delta_threshold is None else delta_threshold
         out = np.zeros(self.recon.shape, dtype=np.uint8)
-        for lesion in self.candidates:
-            if lesion.delta > threshold:
-                out[lesion.mask] = lesion.kind
+        for lesion in self.kept(self.delta_threshold if delta_threshold is None else delta_threshold):
+            out[lesion.mask] = lesion.kind
         return out
 
 
