@@ -98,6 +98,7 @@ class HideSeekSegmentParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     mode: Mode = Mode.MID
     preset: Preset = Preset.FAST
+    modelSensitivity: bool = True
     deltaThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     device: Device = Device.AUTO
 
@@ -113,6 +114,7 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None
         self._timer = None
+        self._cards = {}
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -181,6 +183,7 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onParameterNodeModified(self, caller=None, event=None):
         if self._run is not None:
             return
+        self.showModelSensitivity()
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.vertebrae)
         self.ui.applyButton.enabled = ready and self.ui.modelComboBox.count > 0
         self.ui.applyButton.toolTip = (
@@ -210,9 +213,22 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         checked = [item.text() for item in items if item.checkState() == qt.Qt.Checked]
         return None if len(checked) == len(items) else checked
 
+    def showModelSensitivity(self):
+        """While "from the model" is ticked the slider is locked to the Δ the chosen model was tuned with."""
+        p = self._parameterNode
+        if p is None:
+            return
+        self.ui.deltaThresholdSliderWidget.enabled = not p.modelSensitivity
+        card = self._cards.get(self.ui.modelComboBox.currentData)
+        tuned = card.deltaThresholds.get(p.preset.value) if card is not None else None
+        if p.modelSensitivity and tuned is not None and p.deltaThreshold != tuned:
+            p.deltaThreshold = tuned
+
     def refreshModels(self, select=None):
         self.ui.modelComboBox.clear()
+        self._cards = {}
         for card in self.logic.findModels(self.modelFolders()):
+            self._cards[str(card.path)] = card
             self.ui.modelComboBox.addItem(card.title, str(card.path))
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, card.describe(), qt.Qt.ToolTipRole)
         if select is not None:
@@ -261,7 +277,7 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 mode=p.mode.value,
                 model=self.ui.modelComboBox.currentData,
                 preset=p.preset.value,
-                deltaThreshold=p.deltaThreshold,
+                deltaThreshold=None if p.modelSensitivity else p.deltaThreshold,
                 device=p.device.value,
             )
             self.showRunning(True)

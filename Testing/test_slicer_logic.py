@@ -577,6 +577,19 @@ def test_model_cards_are_read_without_torch(lib, toy_bundle, tmp_path):
     assert [c.path for c in found] == [toy_bundle.absolute()]
 
 
+def test_model_cards_carry_the_tuned_delta_threshold_per_preset(lib, toy_bundle, tmp_path):
+    """The GUI's "sensitivity from the model" reads these; values that are not a fraction are left out."""
+    assert lib.models.readModelCard(toy_bundle).deltaThresholds == {}
+    manifest = json.loads((toy_bundle / "model.json").read_text(encoding="utf-8"))
+    manifest["method"]["presets"] = {"fast": {"delta_threshold": 0.3}, "published": {"delta_threshold": 0.5},
+                                     "odd": {"delta_threshold": 2}, "bad": {"delta_threshold": "0.4"}}
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "model.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (tuned / "model.safetensors").write_bytes((toy_bundle / "model.safetensors").read_bytes())
+    assert lib.models.readModelCard(tuned).deltaThresholds == {"fast": 0.3, "published": 0.5}
+
+
 def test_missing_requirements(lib):
     assert lib.dependencies.missingRequirements() == []
     assert lib.dependencies.missingRequirements(["numpy<1", "no-such-package-hideseek>=1", "scipy>=1"]) == [
@@ -672,6 +685,8 @@ def test_every_parameter_has_a_matching_widget(ui, module_source):
             assert node_types == re.findall(r"vtkMRML\w+", annotation), field
         elif annotation in enums:
             assert widget.get("class") == "QComboBox", field
+        elif annotation == "bool":
+            assert widget.get("class") == "QCheckBox", field
         else:
             low, high = map(float, re.fullmatch(r"Annotated\[float, WithinRange\((.+), (.+)\)\]", annotation).groups())
             assert widget.get("class") == "ctkSliderWidget", field
@@ -719,7 +734,8 @@ def test_module_file_runs_with_the_application_parts_stubbed(lib, slicer_core, m
     spec.loader.exec_module(module)
 
     assert list(module.HideSeekSegmentParameterNode.__annotations__) == [
-        "inputVolume", "vertebrae", "outputSegmentation", "mode", "preset", "deltaThreshold", "device"]
+        "inputVolume", "vertebrae", "outputSegmentation", "mode", "preset", "modelSensitivity", "deltaThreshold",
+        "device"]
     assert [m.value for m in module.Mode] == list(lib.logic.MODES)
     assert [m.value for m in module.Preset] == list(lib.logic.PRESETS)
     assert [m.value for m in module.Device] == list(lib.logic.DEVICES)

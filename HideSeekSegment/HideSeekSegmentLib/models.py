@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hideseek.errors import BundleError
@@ -36,6 +36,8 @@ class ModelCard:
     licence: str
     intendedUse: str
     limitations: str
+    deltaThresholds: dict[str, float] = field(default_factory=dict)
+    """Per preset, the Δ threshold the model was tuned with (``method.presets``); absent where it was not."""
 
     @property
     def title(self) -> str:
@@ -87,7 +89,20 @@ def readModelCard(folder: str | Path) -> ModelCard:
         licence=str(card.get("licence", "")),
         intendedUse=str(card.get("intended_use", "")),
         limitations=str(card.get("limitations", "")),
+        deltaThresholds=_tunedDeltaThresholds(data.get("method")),
     )
+
+
+def _tunedDeltaThresholds(method) -> dict[str, float]:
+    presets = method.get("presets") if isinstance(method, dict) else None
+    if not isinstance(presets, dict):
+        return {}
+    tuned = {}
+    for preset, settings in presets.items():
+        value = settings.get("delta_threshold") if isinstance(settings, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value < 1.0:
+            tuned[str(preset)] = float(value)
+    return tuned
 
 
 def _bundleFolders(roots: Iterable[str | Path]) -> set[Path]:
