@@ -84,3 +84,17 @@ def test_edit_efficacy_is_one_when_the_edit_removes_the_lesion_exactly():
     assert out["efficacy"] == pytest.approx(1.0) and out["outside"] == 0.0
     same = edit_efficacy(img, img, img, lesion, body)
     assert same["efficacy"] == 0.0
+
+
+def test_edit_efficacy_per_lesion_type_shows_a_type_the_edit_leaves():
+    img = np.full((1, 12, 12), 0.5, np.float32)
+    lesions = np.zeros((1, 12, 12), np.uint8)
+    lesions[0, 1:4, 1:4], lesions[0, 7:10, 7:10] = 1, 2
+    img[lesions == 1], img[lesions == 2] = 0.3, 0.9
+    healed_blastic = np.where(lesions == 2, 0.5, img).astype(np.float32)
+    body, kinds = np.ones_like(lesions, bool), {1: "lytic", 2: "blastic"}
+    out = edit_efficacy(img, img, healed_blastic, lesions, body, kinds)
+    assert out["efficacy lytic"] == 0.0 and out["efficacy blastic"] == pytest.approx(1.0)
+    assert out["efficacy"] == pytest.approx(0.2 / 0.3)  # pooled: mean change 0.2, mean contrast 0.3
+    assert "efficacy lytic" not in edit_efficacy(img, img, healed_blastic, np.where(lesions == 1, 0, lesions), body,
+                                                 kinds)

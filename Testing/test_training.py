@@ -140,7 +140,8 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert card["training"]["steps"] == 40 and bundle.manifest["name"] == "toy"
     curve = card["metrics"]["learning_curve"]
     assert [p["step"] for p in curve] == [20, 40]
-    assert {"val_auc", "efficacy", "outside_ratio", "p_reencoded_edit"} <= set(curve[-1])
+    assert {"val_auc", "efficacy", "efficacy blastic", "outside_ratio", "p_reencoded_edit"} <= set(curve[-1])
+    assert "efficacy lytic" not in curve[-1]  # the toy lesions are all blastic
     assert bundle.preprocessing == prep
     calibration = card["metrics"]["edit_calibration"]
     assert len(calibration["table"]) == 8  # two classifier strengths x four edit steps
@@ -156,6 +157,7 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert [p["step"] for p in load_bundle(out2).card["metrics"]["learning_curve"]] == [20, 40, 60]
     card_md = (out2 / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "| 60 |" in card_md and (out2 / "learning_curve.png").stat().st_size > 0
+    assert "| lytic | blastic |" in card_md and "| – |" in card_md
 
 
 def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_reexports(tmp_path):

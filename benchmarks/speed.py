@@ -26,6 +26,7 @@ from hideseek.pipeline import default_model_path, resolve_settings
 
 VARIANTS = {
     "published": {},
+    "fast 50/50": {"encode_steps": 50, "decode_steps": 50},
     "fast 20/20": {"encode_steps": 20, "decode_steps": 20},
     "fast 10/10": {"encode_steps": 10, "decode_steps": 10},
     "fast 8/8": {"encode_steps": 8, "decode_steps": 8},

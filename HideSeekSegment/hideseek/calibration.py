@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attribution import BLASTIC, LYTIC, HideAndSeek
+from .attribution import BLASTIC, LESION_TYPES, LYTIC, HideAndSeek
 from .classifier import LatentClassifier
 from .metrics import edit_efficacy, mean_lesion_f1
 from .network import DiffusionAutoencoder
@@ -77,7 +77,7 @@ def calibrate_edit(
             z_edit = clf.edit(z.double(), target_probability, step_scale=scale).to(z.dtype)
             edit_t = sampler.decode(model, xT, z_edit)
             edit = edit_t[:, 0].cpu().numpy()
-            row = edit_efficacy(images[has], recon, edit, lesions[has], bodies[has])
+            row = edit_efficacy(images[has], recon, edit, lesions[has], bodies[has], LESION_TYPES)
             row["p_reencoded_edit"] = float(clf.probability(model.encode(edit_t)).mean())
             table.append({"C": C, "step_scale": scale, **{k: round(float(v), 5) for k, v in row.items()}})
     ok = [r for r in table if np.isfinite(r["efficacy"]) and r["outside_ratio"] <= MAX_OUTSIDE_RATIO]

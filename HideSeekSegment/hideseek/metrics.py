@@ -7,7 +7,7 @@ IoU >= ``iou`` (``iou=0`` means any overlap); a predicted lesion of the wrong ty
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,28 +109,43 @@ def bootstrap_ci(
 
 
 def edit_efficacy(
-    images: np.ndarray, recon: np.ndarray, edit: np.ndarray, lesions: np.ndarray, bodies: np.ndarray
+    images: np.ndarray,
+    recon: np.ndarray,
+    edit: np.ndarray,
+    lesions: np.ndarray,
+    bodies: np.ndarray,
+    kinds: Mapping[int, str] | None = None,
 ) -> dict[str, float]:
     """How much the healthy edit changes true lesions, relative to their contrast, and how little elsewhere.
 
     contrast = mean |image - median of the lesion-free body| over lesion pixels (per slice);
     efficacy = mean |edit - recon| inside lesions / mean contrast; ``outside`` = mean |edit - recon| in the
     lesion-free body, also reported relative to the in-lesion change (``outside_ratio``; target <= 0.1).
+    ``kinds`` (label value -> name) adds ``efficacy <name>`` per lesion type: one type can be edited away while
+    another is left untouched, which the pooled number hides.
     """
     change = np.abs(edit - recon)
-    inside, outside, contrast = [], [], []
-    for img, ch, les, body in zip(images, change, lesions > 0, bodies, strict=True):
-        healthy = body & ~les
-        if healthy.any():
-            outside.append(ch[healthy])
-        if les.any() and healthy.any():
-            inside.append(ch[les])
-            contrast.append(np.abs(img[les] - np.median(img[healthy])))
-    if not inside:
-        return {"efficacy": float("nan"), "inside": float("nan"), "outside": float(np.mean(np.concatenate(outside)))
-                if outside else float("nan"), "outside_ratio": float("nan"), "contrast": float("nan")}
-    inside_mean = float(np.mean(np.concatenate(inside)))
-    outside_mean = float(np.mean(np.concatenate(outside)))
-    contrast_mean = float(np.mean(np.concatenate(contrast)))
-    return {"efficacy": inside_mean / contrast_mean, "inside": inside_mean, "outside": outside_mean,
-            "outside_ratio": outside_mean / inside_mean if inside_mean else float("nan"), "contrast": contrast_mean}
+    codes = {"": None, **{f" {name}": code for code, name in (kinds or {}).items()}}
+    inside, contrast = {key: [] for key in codes}, {key: [] for key in codes}
+    outside = []
+    for img, ch, les, body in zip(images, change, lesions, bodies, strict=True):
+        healthy = body & (les == 0)
+        if not healthy.any():
+            continue
+        outside.append(ch[healthy])
+        for key, code in codes.items():
+            mask = les > 0 if code is None else les == code
+            if mask.any():
+                inside[key].append(ch[mask])
+                contrast[key].append(np.abs(img[mask] - np.median(img[healthy])))
+    outside_mean = float(np.mean(np.concatenate(outside))) if outside else float("nan")
+    out = {"efficacy": float("nan"), "inside": float("nan"), "outside": outside_mean, "outside_ratio": float("nan"),
+           "contrast": float("nan")}
+    for key in codes:
+        if inside[key]:
+            out[f"efficacy{key}"] = float(np.mean(np.concatenate(inside[key])) / np.mean(np.concatenate(contrast[key])))
+    if inside[""]:
+        inside_mean = float(np.mean(np.concatenate(inside[""])))
+        out |= {"inside": inside_mean, "outside_ratio": outside_mean / inside_mean if inside_mean else float("nan"),
+                "contrast": float(np.mean(np.concatenate(contrast[""])))}
+    return out

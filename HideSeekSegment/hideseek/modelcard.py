@@ -51,16 +51,18 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             "",
             "*Edit efficacy* = mean |healthy edit − reconstruction| inside true lesions ÷ mean lesion contrast "
             "(target ≥ 0.7); *outside ratio* = the change in the rest of the body ÷ the change in lesions "
-            "(target ≤ 0.1); *P(edit)* = P(malignant) of the re-encoded edit (should fall towards 0).",
+            "(target ≥ 0.7), also per lesion type (– where not measured); *outside ratio* = the change in the "
+            "rest of the body ÷ the change in lesions (target ≤ 0.1); *P(edit)* = P(malignant) of the re-encoded "
+            "edit (should fall towards 0).",
             "",
             f"![learning curve]({CURVE_FILE})",
             "",
-            "| step | hours | val AUC | edit efficacy | outside ratio | P(edit) |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| step | hours | val AUC | edit efficacy | lytic | blastic | outside ratio | P(edit) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
             f"| {p['step']} | {p['elapsed_s'] / 3600:.2f} | {p.get('val_auc', float('nan')):.3f} | "
-            f"{p.get('efficacy', float('nan')):.3f} | {p.get('outside_ratio', float('nan')):.2f} | "
+            f"{p.get('efficacy', float('nan')):.3f} | {_per_type(p)} | {p.get('outside_ratio', float('nan')):.2f} | "
             f"{p.get('p_reencoded_edit', float('nan')):.3f} |"
             for p in curve
         ]
@@ -75,16 +77,21 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             f"Chosen: classifier C = {chosen['C']:g}, edit step × {chosen['step_scale']:g} (the most effective "
             "setting whose change outside lesions stays at most half the change inside; see calibration.py).",
             "",
-            "| C | step × | efficacy | inside | outside | outside ratio | P(edit) |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| C | step × | efficacy | lytic | blastic | inside | outside | outside ratio | P(edit) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['C']:g} | {r['step_scale']:g} | {r['efficacy']:.3f} | {r['inside']:.4f} | {r['outside']:.4f} | "
-            f"{r['outside_ratio']:.2f} | {r['p_reencoded_edit']:.3f} |"
+            f"| {r['C']:g} | {r['step_scale']:g} | {r['efficacy']:.3f} | {_per_type(r)} | {r['inside']:.4f} | "
+            f"{r['outside']:.4f} | {r['outside_ratio']:.2f} | {r['p_reencoded_edit']:.3f} |"
             for r in calibration["table"]
         ]
     lines += _candidate_tuning(card.get("metrics", {}).get("candidate_tuning"))
     (folder / CARD_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _per_type(row: dict) -> str:
+    """The lytic and blastic efficacy cells (points measured before they were recorded show –)."""
+    return " | ".join(f"{row[key]:.3f}" if key in row else "–" for key in ("efficacy lytic", "efficacy blastic"))
 
 
 def _candidate_tuning(tuning: dict | None) -> list[str]:
@@ -122,9 +129,12 @@ def _measured(metrics: dict, step: int | str) -> list[str]:
         return []
     chosen = calibration["chosen"]
     row = next(r for r in calibration["table"] if r["C"] == chosen["C"] and r["step_scale"] == chosen["step_scale"])
+    per_type = ", ".join(f"{kind} {row[f'efficacy {kind}']:.2f}" for kind in ("lytic", "blastic")
+                         if f"efficacy {kind}" in row)
     return [
         f"**Measured (validation, step {step}).** With the calibrated edit (C = {chosen['C']:g}, step "
-        f"× {chosen['step_scale']:g}): edit efficacy {row['efficacy']:.2f} (target ≥ 0.7), change outside lesions "
+        f"× {chosen['step_scale']:g}): edit efficacy {row['efficacy']:.2f}{f' ({per_type})' if per_type else ''} "
+        f"(target ≥ 0.7), change outside lesions "
         f"{row['outside_ratio']:.2f} of the change inside (target ≤ 0.1), P(malignant) of the re-encoded edit "
         f"{row['p_reencoded_edit']:.2f}; latent classifier AUC {curve[-1].get('val_auc', float('nan')):.2f} "
         f"(step {curve[-1]['step']}).",
@@ -141,6 +151,9 @@ def _plot_curve(curve: list[dict], path: Path) -> None:
     hours = [p["elapsed_s"] / 3600 for p in curve]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.plot(hours, [p.get("efficacy", float("nan")) for p in curve], "o-", label="edit efficacy")
+    for kind, marker in (("lytic", "v"), ("blastic", "^")):
+        if any(f"efficacy {kind}" in p for p in curve):
+            ax1.plot(hours, [p.get(f"efficacy {kind}", float("nan")) for p in curve], marker + ":", label=kind)
     ax1.plot(hours, [p.get("p_reencoded_edit", float("nan")) for p in curve], "s-", label="P(malignant) of edit")
     ax1.axhline(0.7, color="grey", ls="--", lw=0.8, label="efficacy target")
     ax1.set_xlabel("training hours")

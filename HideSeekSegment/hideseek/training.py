@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .attribution import AttributionSettings, HideAndSeek, settings_for
+from .attribution import LESION_TYPES, AttributionSettings, HideAndSeek, settings_for
 from .bundle import read_bundle_manifest, save_bundle
 from .calibration import calibrate_edit, tune_candidates
 from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
@@ -383,7 +383,7 @@ def measure_edit(
     results = method.run(val.images[has], val.bodies[has])
     recon = np.stack([r.recon for r in results])
     edit = np.stack([r.edit for r in results])
-    out = edit_efficacy(val.images[has], recon, edit, val.lesions[has], val.bodies[has])
+    out = edit_efficacy(val.images[has], recon, edit, val.lesions[has], val.bodies[has], LESION_TYPES)
     z_edit = encode_latents(model, edit.astype(np.float32))
     out["p_reencoded_edit"] = float(classifier.probability(z_edit).mean())
     out["slices"] = int(has.size)
