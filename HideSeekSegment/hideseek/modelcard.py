@@ -50,7 +50,6 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             "## Learning curve (validation)",
             "",
             "*Edit efficacy* = mean |healthy edit − reconstruction| inside true lesions ÷ mean lesion contrast "
-            "(target ≥ 0.7); *outside ratio* = the change in the rest of the body ÷ the change in lesions "
             "(target ≥ 0.7), also per lesion type (– where not measured); *outside ratio* = the change in the "
             "rest of the body ÷ the change in lesions (target ≤ 0.1); *P(edit)* = P(malignant) of the re-encoded "
             "edit (should fall towards 0).",
@@ -153,7 +152,8 @@ def _plot_curve(curve: list[dict], path: Path) -> None:
     ax1.plot(hours, [p.get("efficacy", float("nan")) for p in curve], "o-", label="edit efficacy")
     for kind, marker in (("lytic", "v"), ("blastic", "^")):
         if any(f"efficacy {kind}" in p for p in curve):
-            ax1.plot(hours, [p.get(f"efficacy {kind}", float("nan")) for p in curve], marker + ":", label=kind)
+            ax1.plot(hours, [p.get(f"efficacy {kind}", float("nan")) for p in curve], marker + ":",
+                     label=f"edit efficacy, {kind}")
     ax1.plot(hours, [p.get("p_reencoded_edit", float("nan")) for p in curve], "s-", label="P(malignant) of edit")
     ax1.axhline(0.7, color="grey", ls="--", lw=0.8, label="efficacy target")
     ax1.set_xlabel("training hours")
