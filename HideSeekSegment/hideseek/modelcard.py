@@ -10,6 +10,8 @@ from pathlib import Path
 
 CURVE_FILE = "learning_curve.png"
 CARD_FILE = "MODEL_CARD.md"
+PER_TYPE = ("lytic", "blastic")
+"""Lesion types whose edit efficacy has its own column (``efficacy <type>`` in the metrics, see edit_efficacy)."""
 
 
 def write_model_card(folder: Path, manifest: dict) -> None:
@@ -90,7 +92,7 @@ def write_model_card(folder: Path, manifest: dict) -> None:
 
 def _per_type(row: dict) -> str:
     """The lytic and blastic efficacy cells (points measured before they were recorded show –)."""
-    return " | ".join(f"{row[key]:.3f}" if key in row else "–" for key in ("efficacy lytic", "efficacy blastic"))
+    return " | ".join(f"{row[f'efficacy {kind}']:.3f}" if f"efficacy {kind}" in row else "–" for kind in PER_TYPE)
 
 
 def _candidate_tuning(tuning: dict | None) -> list[str]:
@@ -128,7 +130,7 @@ def _measured(metrics: dict, step: int | str) -> list[str]:
         return []
     chosen = calibration["chosen"]
     row = next(r for r in calibration["table"] if r["C"] == chosen["C"] and r["step_scale"] == chosen["step_scale"])
-    per_type = ", ".join(f"{kind} {row[f'efficacy {kind}']:.2f}" for kind in ("lytic", "blastic")
+    per_type = ", ".join(f"{kind} {row[f'efficacy {kind}']:.2f}" for kind in PER_TYPE
                          if f"efficacy {kind}" in row)
     return [
         f"**Measured (validation, step {step}).** With the calibrated edit (C = {chosen['C']:g}, step "
@@ -150,7 +152,7 @@ def _plot_curve(curve: list[dict], path: Path) -> None:
     hours = [p["elapsed_s"] / 3600 for p in curve]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.plot(hours, [p.get("efficacy", float("nan")) for p in curve], "o-", label="edit efficacy")
-    for kind, marker in (("lytic", "v"), ("blastic", "^")):
+    for kind, marker in zip(PER_TYPE, "v^", strict=True):
         if any(f"efficacy {kind}" in p for p in curve):
             ax1.plot(hours, [p.get(f"efficacy {kind}", float("nan")) for p in curve], marker + ":",
                      label=f"edit efficacy, {kind}")
