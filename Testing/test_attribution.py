@@ -244,14 +244,20 @@ def test_edit_then_seek_is_the_run_and_tuning_reproduces_its_choice(tiny, classi
     for a, b in zip(staged, method.run(img, body), strict=True):
         assert np.array_equal(a.edit, b.edit) and [c.delta for c in a.candidates] == [c.delta for c in b.candidates]
     grid = {"body_margin_px": (0, 2), "min_change": (0.0, 0.05), "candidate_quantile": (0.5,)}
-    tuning = tune_candidates(method, img, body, truth, grid=grid, thresholds=(0.5, 0.0))
+    mimics = np.zeros(img.shape, np.uint16)
+    mimics[0][body[0]] = 1  # slice 0 has no lesion: any candidate on it flags this benign "mimic"
+    tuning = tune_candidates(method, img, body, truth, mimics, grid=grid, thresholds=(0.5, 0.0))
     assert len(tuning.table) == 2 * 2 * 2 and tuning.slices == 4
     assert tuning.table[0]["f1"] == tuning.f1 == max(r["f1"] for r in tuning.table)
+    ranks = [(-r["f1"], r["mimic_fp"]) for r in tuning.table]
+    assert ranks == sorted(ranks)  # F1 first, then the fewest mimics flagged
     assert tuning.default_f1 == next(r["f1"] for r in tuning.table if r["body_margin_px"] == 0
                                      and r["min_change"] == 0.0 and r["delta_threshold"] == 0.5)
     # The chosen settings, run from scratch, score what the tuning said.
     chosen = HideAndSeek(tiny, DiffusionConfig(), classifier, FAST.with_overrides(**tuning.settings)).run(img, body)
     maps = np.stack([r.label_map() for r in chosen])
     assert mean_lesion_f1(maps, truth, (LYTIC, BLASTIC)) == pytest.approx(tuning.f1, abs=1e-4)
+    assert tuning.table[0]["mimic_fp"] == float(maps[0].any())
+    assert "mimic_fp" not in tune_candidates(method, img, body, truth, grid=grid).table[0]  # no mimic truth
     with pytest.raises(ValueError, match="true lesions"):
         tune_candidates(method, img, body, np.zeros_like(truth), grid=grid)

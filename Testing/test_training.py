@@ -121,8 +121,10 @@ def _toy_slice_set(n_vertebrae=8, per=4):
     images[malignant == 1, 6:9, 6:9] += 0.8  # a bright "lesion" in malignant vertebrae
     lesions = np.zeros(images.shape, np.uint8)
     lesions[malignant == 1, 6:9, 6:9] = 2
-    return SliceSet(images=images, bodies=np.ones(images.shape, bool), lesions=lesions,
-                    mimics=np.zeros(images.shape, np.uint16), malignant=malignant,
+    mimics = np.zeros(images.shape, np.uint16)
+    mimics[:, 10:13, 10:13] = 1  # a benign "mimic" in every vertebra
+    return SliceSet(images=images, bodies=np.ones(images.shape, bool), lesions=lesions, mimics=mimics,
+                    malignant=malignant,
                     vertebra=np.repeat(np.arange(n_vertebrae), per).astype(np.int32),
                     names=np.array([f"v{i}" for i in range(n_vertebrae)]))
 
@@ -150,6 +152,7 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert bundle.method["presets"]["fast"] == {"edit_step_scale": chosen["step_scale"], **tuning["chosen"]}
     assert tuning["slices"] == 2  # the middle slice of each validation vertebra (one per class)
     assert tuning["f1"] == tuning["best"][0]["f1"] >= tuning["default_f1"]
+    assert all(0 <= r["mimic_fp"] <= 1 for r in tuning["best"])
     assert bundle.manifest["classifier"]["fit"]["C"] == chosen["C"]
     # Resuming continues the same run and keeps its curve.
     out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
@@ -158,6 +161,7 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     card_md = (out2 / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "| 60 |" in card_md and (out2 / "learning_curve.png").stat().st_size > 0
     assert "| lytic | blastic |" in card_md and "| – |" in card_md
+    assert "| mean F1 | mimic FP |" in card_md
 
 
 def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_reexports(tmp_path):

@@ -68,6 +68,16 @@ class AttributionSettings:
             raise ValueError("batch_size and min_component_px must be positive")
         if self.body_margin_px < 0 or self.min_change < 0:
             raise ValueError("body_margin_px and min_change must not be negative")
+        if not 0.0 <= self.delta_threshold <= 1.0:
+            raise ValueError(f"delta_threshold must be in [0, 1] (a share of the malignant score), "
+                             f"got {self.delta_threshold}")
+        if min(self.ddim_steps()) < 1:
+            raise ValueError(f"DDIM step counts must be positive, got {self.ddim_steps()}")
+
+    def ddim_steps(self) -> tuple[int, ...]:
+        """Every DDIM step count the method will run (inversion, generation, and the round trip's)."""
+        return (self.encode_steps, self.decode_steps, self.rescore_encode_steps or self.encode_steps,
+                self.rescore_decode_steps or self.decode_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

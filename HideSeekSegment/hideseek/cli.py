@@ -56,6 +56,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="candidates stay this many slice pixels inside the body outline (default: the model's)")
     p.add_argument("--min-change", type=float,
                    help="candidates need |edit - recon| above this, in model intensity units (default: the model's)")
+    p.add_argument("--ddim-steps", type=int, metavar="N",
+                   help="DDIM steps for inversion and generation (default: the preset's, 20 fast / 250+100 "
+                   "published); more is slower and closer to the published result, see BENCHMARKS.md")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -64,7 +67,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _setting_overrides(args: argparse.Namespace) -> dict:
     """The method settings given on the command line (the rest come from the preset and the model)."""
     given = {"delta_threshold": args.delta_threshold, "body_margin_px": args.body_margin,
-             "min_change": args.min_change}
+             "min_change": args.min_change, "encode_steps": args.ddim_steps, "decode_steps": args.ddim_steps}
     return {name: value for name, value in given.items() if value is not None}
 
 

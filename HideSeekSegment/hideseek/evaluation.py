@@ -32,9 +32,10 @@ from .metrics import (
     bootstrap_ci,
     components,
     dice,
-    flagged_mimics,
+    flagged_per_slice,
     lesion_counts,
     mean_lesion_f1,
+    mimic_fp_rate,
     pooled_dice,
     pooled_f1,
 )
@@ -168,20 +169,15 @@ def score_method(label_maps: np.ndarray, data: SliceSet, *, reps: int = 1000, se
         )
         row["vertebrae with this type"] = len(has)
         out[name] = row
-    flagged = np.array([flagged_mimics(lm > 0, m) for lm, m in zip(label_maps, data.mimics, strict=True)])
-    touched, total = (int(v) for v in flagged.sum(axis=0)) if len(flagged) else (0, 0)
+    flagged = flagged_per_slice(label_maps, data.mimics)
+    touched, total = (int(v) for v in flagged.sum(axis=0))
     out["mimics"] = {
         "flagged": touched,
         "instances": total,
-        "fp rate": touched / total if total else float("nan"),
-        "fp rate ci": bootstrap_ci(len(flagged), lambda ix: _ratio(flagged[ix]), reps=reps, seed=seed),
+        "fp rate": mimic_fp_rate(flagged),
+        "fp rate ci": bootstrap_ci(len(flagged), lambda ix: mimic_fp_rate(flagged[ix]), reps=reps, seed=seed),
     }
     return out
-
-
-def _ratio(flagged: np.ndarray) -> float:
-    total = flagged[:, 1].sum()
-    return float(flagged[:, 0].sum() / total) if total else float("nan")
 
 
 # -- the whole evaluation ---------------------------------------------------------------------------------------
@@ -206,10 +202,15 @@ def split_validation(data: SliceSet, fraction: float, seed: int) -> tuple[np.nda
     return np.flatnonzero(is_val), np.flatnonzero(~is_val)
 
 
-def _tune(make: Callable[..., np.ndarray], grid: list[dict], truth: np.ndarray) -> dict:
-    scores = [mean_f1(make(**g), truth) for g in grid]
-    best = int(np.argmax(scores))
-    return {**grid[best], "validation mean f1": round(scores[best], 4)}
+def _tune(make: Callable[..., np.ndarray], grid: list[dict], truth: np.ndarray, mimics: np.ndarray) -> dict:
+    """The grid point with the best mean lesion F1, ties going to the fewest mimics flagged (as the model's own
+    candidate tuning, ``calibration.tune_candidates``)."""
+    scores = []
+    for g in grid:
+        maps = make(**g)
+        scores.append((round(mean_f1(maps, truth), 4), np.nan_to_num(mimic_fp_rate(flagged_per_slice(maps, mimics)))))
+    best = min(range(len(grid)), key=lambda i: (-scores[i][0], scores[i][1]))  # first of equals: grid order
+    return {**grid[best], "validation mean f1": scores[best][0]}
 
 
 def evaluate(
@@ -242,6 +243,7 @@ def evaluate(
         lambda min_change: difference_maps(res_val, bodies[val], min_change, margin),
         [{"min_change": c} for c in (0.0, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15)],
         data.lesions[val],
+        data.mimics[val],
     )
     outputs.append(
         MethodOutput("difference map", difference_maps(results, bodies, tuned["min_change"], margin),
@@ -252,6 +254,7 @@ def evaluate(
         lambda threshold: typed_by_brightness(occ[val], images[val], bodies[val], threshold),
         [{"threshold": top * f} for f in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)],
         data.lesions[val],
+        data.mimics[val],
     )
     outputs.append(MethodOutput("occlusion", typed_by_brightness(occ, images, bodies, tuned["threshold"]), tuned))
     inside = images[bodies]
@@ -261,6 +264,7 @@ def evaluate(
         lambda lytic_below, blastic_above: threshold_maps(images[val], bodies[val], lytic_below, blastic_above),
         [{"lytic_below": float(lo), "blastic_above": float(hi)} for lo in lows for hi in highs],
         data.lesions[val],
+        data.mimics[val],
     )
     outputs.append(
         MethodOutput(

@@ -93,6 +93,18 @@ def flagged_mimics(pred_lesions: np.ndarray, mimic_instances: np.ndarray) -> tup
     return touched, len(ids)
 
 
+def flagged_per_slice(label_maps: np.ndarray, mimics: np.ndarray) -> np.ndarray:
+    """(N, 2): per slice, mimic instances touched by any predicted lesion and all mimic instances."""
+    return np.array([flagged_mimics(lm > 0, m) for lm, m in zip(label_maps, mimics, strict=True)],
+                    dtype=int).reshape(-1, 2)
+
+
+def mimic_fp_rate(flagged: np.ndarray) -> float:
+    """Share of mimic instances flagged, from ``flagged_per_slice`` rows; NaN without mimics."""
+    total = flagged[:, 1].sum()
+    return float(flagged[:, 0].sum() / total) if total else float("nan")
+
+
 def bootstrap_ci(
     n_items: int, statistic: Callable[[np.ndarray], float], *, reps: int = 1000, seed: int = 0
 ) -> tuple[float, float]:

@@ -24,6 +24,7 @@ from .device import resolve_device
 from .errors import Cancelled, InputError
 from .io import read_ct
 from .overview import OverviewPanel, most_informative
+from .sampler import respaced_timesteps
 from .vertebrae import Vertebra, VertebraLabels, load_vertebra_labels, parse_levels, vertebral_body
 from .volume import MODES, VertebraSlices, extract_vertebra_slices, slices_to_volume
 
@@ -108,8 +109,10 @@ def resolve_settings(
     method = bundle.method or {}
     name = preset or method.get("default_preset", "fast")
     try:
-        tuned = settings_for(name, **method.get("presets", {}).get(name, {}))
-        return name, tuned.with_overrides(**(overrides or {}))
+        settings = settings_for(name, **method.get("presets", {}).get(name, {})).with_overrides(**(overrides or {}))
+        for steps in set(settings.ddim_steps()):
+            respaced_timesteps(bundle.diffusion.T, steps)  # refuse a count the schedule cannot give, before any work
+        return name, settings
     except ValueError as exc:
         raise InputError(str(exc)) from exc
 

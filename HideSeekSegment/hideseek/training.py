@@ -476,7 +476,7 @@ def train_bundle(
         if (mid.lesions > 0).any():
             tuned = settings_for("fast", **chosen)
             tuning = tune_candidates(HideAndSeek(trainer.ema, diffusion, classifier, tuned), mid.images, mid.bodies,
-                                     mid.lesions)
+                                     mid.lesions, mid.mimics)
             chosen |= tuning.settings
             metrics["candidate_tuning"] = {"chosen": tuning.settings, "f1": tuning.f1, "slices": tuning.slices,
                                            "default_f1": tuning.default_f1, "preset": "fast",
