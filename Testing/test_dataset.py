@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hideseek.dataset import SliceSet, build_slice_set, read_manifest
+from hideseek.dataset import SliceSet, build_slice_set, cached_slice_set, read_manifest
 from hideseek.errors import InputError
 from hideseek.preprocessing import Preprocessing
 
@@ -63,6 +63,15 @@ def test_slices_carry_labels_and_truth_of_their_own_vertebra(manifest, tmp_path)
     again = SliceSet.load(data.save(tmp_path / "slices.npz"))
     assert np.array_equal(again.images, data.images) and list(again.names) == list(data.names)
     assert len(data.subset(data.vertebra == 1)) == int((data.vertebra == 1).sum())
+
+
+def test_a_slice_cache_is_written_once_then_read_instead_of_the_manifest(manifest, tmp_path):
+    cache = tmp_path / "mid.npz"
+    first = cached_slice_set(manifest, PREP, cache, mode="mid")
+    assert cache.is_file() and len(first) == 2  # one mid slice per vertebra
+    again = cached_slice_set(tmp_path / "gone.csv", PREP, cache, mode="mid")  # the manifest is not read again
+    assert np.array_equal(again.images, first.images) and list(again.names) == list(first.names)
+    assert len(cached_slice_set(manifest, PREP, None, mode="mid")) == 2 and sorted(tmp_path.glob("*.npz")) == [cache]
 
 
 def test_manifest_errors_are_specific(tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 from hideseek.bundle import load_bundle
 from hideseek.classifier import fit_latent_classifier, roc_auc, stratified_folds
-from hideseek.dataset import SliceSet, build_slice_set
+from hideseek.dataset import SliceSet, cached_slice_set
 from hideseek.pipeline import default_model_path
 from hideseek.training import encode_latents
 
@@ -47,7 +47,7 @@ def probe_auc(z: np.ndarray, labels: np.ndarray, C: float, folds: int, seed: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, help="manifest with lesion truth (e.g. a phantom set)")
-    parser.add_argument("--cache", help="mid-slice cache (.npz) as written by 'hideseek evaluate --slices'")
+    parser.add_argument("--cache", help="mid-slice cache (.npz), read when it exists, else written")
     parser.add_argument("--model", help="bundle (default: the bundled demo model)")
     parser.add_argument("--C", type=float, default=0.01, help="probe L2 strength (default 0.01, as training)")
     parser.add_argument("--folds", type=int, default=5)
@@ -56,9 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     bundle = load_bundle(args.model or default_model_path())
-    cache = Path(args.cache) if args.cache else None
-    data = SliceSet.load(cache) if cache and cache.is_file() else build_slice_set(
-        args.manifest, bundle.preprocessing, mode="mid")
+    data = cached_slice_set(args.manifest, bundle.preprocessing, args.cache, mode="mid")
     z = encode_latents(bundle.dae, data.images).double().numpy()
     p_model = bundle.classifier.probability(torch.from_numpy(z)).numpy()
     healthy = data.malignant == 0

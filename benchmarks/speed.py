@@ -20,7 +20,7 @@ import torch
 
 from hideseek.attribution import HideAndSeek
 from hideseek.bundle import load_bundle
-from hideseek.dataset import SliceSet, build_slice_set
+from hideseek.dataset import SliceSet, cached_slice_set
 from hideseek.evaluation import score_method
 from hideseek.pipeline import default_model_path, resolve_settings
 
@@ -72,15 +72,13 @@ def main() -> None:
     parser.add_argument("--manifest", required=True, help="phantom manifest with lesion truth")
     parser.add_argument("--model", help="bundle (default: the bundled demo model)")
     parser.add_argument("--slices", type=int, default=4, help="number of mid-sagittal slices (default 4)")
-    parser.add_argument("--cache", help="mid-slice cache (.npz) as written by 'hideseek evaluate --slices'")
+    parser.add_argument("--cache", help="mid-slice cache (.npz), read when it exists, else written")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
     bundle = load_bundle(args.model or default_model_path())
-    cache = Path(args.cache) if args.cache else None
-    data = SliceSet.load(cache) if cache and cache.is_file() else build_slice_set(
-        args.manifest, bundle.preprocessing, mode="mid")
+    data = cached_slice_set(args.manifest, bundle.preprocessing, args.cache, mode="mid")
     keep = pick_slices(data, args.slices)
     data = data.subset(np.isin(np.arange(len(data)), keep))
     rows = {name: run_variant(bundle, name, VARIANTS[name], data) for name in args.variants.split(",")}

@@ -9,7 +9,7 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import Cancelled, HideSeekError, InputError
@@ -230,10 +230,15 @@ HU_WINDOW = (-200.0, 1200.0)
 """Default intensity window of phantom-trained models: soft tissue to dense sclerosis, lesions keep their contrast."""
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _extracting(what: str) -> Callable[[int, int], None]:
+    """Slice-extraction progress on one stderr line, ended when the last vertebra is done."""
+    return lambda i, n: print(f"\rextracting {what}: vertebra {i}/{n}", end="\n" if i == n else "",
+                              file=sys.stderr, flush=True)
 
-    from .dataset import SliceSet, build_slice_set
+
+def _run_train(args: argparse.Namespace) -> int:
+
+    from .dataset import cached_slice_set
     from .device import resolve_device
     from .preprocessing import Preprocessing
     from .training import TrainConfig, train_bundle
@@ -242,15 +247,7 @@ def _run_train(args: argparse.Namespace) -> int:
     card_text = _read_card_text(args.card) if args.card else None
     prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
         if args.intensity == "hu_window" else Preprocessing()
-    cache = Path(args.slices) if args.slices else None
-    if cache is not None and cache.is_file():
-        slices = SliceSet.load(cache)
-    else:
-        slices = build_slice_set(args.manifest, prep, progress=lambda i, n: print(
-            f"\rextracting slices: vertebra {i}/{n}", end="", file=sys.stderr, flush=True))
-        print(file=sys.stderr)
-        if cache is not None:
-            slices.save(cache)
+    slices = cached_slice_set(args.manifest, prep, args.slices, progress=_extracting("slices"))
     print(f"{len(slices)} slices of {len(slices.names)} vertebrae ({slices.malignant.mean():.0%} malignant)",
           file=sys.stderr)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -342,11 +339,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .attribution import HideAndSeek
     from .bundle import load_bundle
-    from .dataset import SliceSet, build_slice_set
+    from .dataset import cached_slice_set
     from .device import resolve_device
     from .evaluation import evaluate, examples_figure, markdown_table
     from .io import atomic_output_dir, check_output_dir
@@ -357,15 +353,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model or default_model_path(), device=resolve_device(args.device))
     overrides = _setting_overrides(args)
     preset, settings = resolve_settings(bundle, args.preset, overrides)
-    cache = Path(args.slices) if args.slices else None
-    if cache is not None and cache.is_file():
-        data = SliceSet.load(cache)
-    else:
-        data = build_slice_set(args.manifest, bundle.preprocessing, mode="mid", progress=lambda i, n: print(
-            f"\rextracting mid slices: vertebra {i}/{n}", end="", file=sys.stderr, flush=True))
-        print(file=sys.stderr)
-        if cache is not None:
-            data.save(cache)
+    data = cached_slice_set(args.manifest, bundle.preprocessing, args.slices, mode="mid",
+                            progress=_extracting("mid slices"))
     if not data.lesions.any():
         raise InputError(f"{args.manifest}: no lesion truth (a 'lesions' column with non-empty masks) to score")
     method = HideAndSeek(bundle.dae, bundle.diffusion, bundle.classifier, settings)

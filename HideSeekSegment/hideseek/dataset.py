@@ -143,3 +143,25 @@ def _add_vertebra(
     count = len(images)
     parts["malignant"].append(np.full(count, int(row["malignant"]), np.int8))
     parts["vertebra"].append(np.full(count, vid, np.int32))
+
+
+def cached_slice_set(
+    manifest: str | Path,
+    preprocessing: Preprocessing,
+    cache: str | Path | None,
+    *,
+    mode: str = "3d",
+    progress: Callable[[int, int], None] | None = None,
+) -> SliceSet:
+    """The slices of ``manifest``: read from ``cache`` when that file exists, else extracted and written there.
+
+    Extraction reads every CT of the manifest (minutes for a training set); the cache makes repeated runs start
+    at once. It is not checked against ``preprocessing``: use one cache per preprocessing and mode.
+    """
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.is_file():
+        return SliceSet.load(cache)
+    data = build_slice_set(manifest, preprocessing, mode=mode, progress=progress)
+    if cache is not None:
+        data.save(cache)
+    return data
