@@ -237,7 +237,6 @@ def _extracting(what: str) -> Callable[[int, int], None]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-
     from .dataset import cached_slice_set
     from .device import resolve_device
     from .preprocessing import Preprocessing
@@ -339,7 +338,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-
     from .attribution import HideAndSeek
     from .bundle import load_bundle
     from .dataset import cached_slice_set
