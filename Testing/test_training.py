@@ -92,6 +92,29 @@ def test_time_budget_holds_across_checkpoints_and_bounds_the_eta(tmp_path):
     assert trainer.elapsed_s >= 1.5
 
 
+def test_the_learning_rate_warms_up_holds_then_decays_to_its_final_value_from_the_given_step(tmp_path):
+    def lrs(trainer, steps):
+        out = []
+        for step in steps:
+            trainer.step = step
+            out.append(trainer._lr())
+        return out
+
+    constant = Trainer(_cfg(steps=100, lr=1e-3, warmup_steps=10), DiffusionConfig(), torch.device("cpu"))
+    assert lrs(constant, [0, 9, 50, 99]) == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3])
+    decaying = Trainer(_cfg(steps=100, lr=1e-3, warmup_steps=10, lr_decay_from=60, lr_final=1e-5),
+                       DiffusionConfig(), torch.device("cpu"))
+    values = lrs(decaying, range(60, 101))
+    assert lrs(decaying, [30, 59]) == pytest.approx([1e-3, 1e-3]) and values[0] == pytest.approx(1e-3)
+    assert values[20] == pytest.approx((1e-3 + 1e-5) / 2) and values[-1] == pytest.approx(1e-5)
+    assert all(np.diff(values) < 0)
+    # A resumed run may switch the decay on (a curriculum): the state keeps the rest of its config.
+    decaying.step = 0
+    decaying.save_state(tmp_path)
+    resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=200, lr_decay_from=100, lr_final=1e-6)
+    assert (resumed.cfg.lr_decay_from, resumed.cfg.lr_final, resumed.cfg.lr) == (100, 1e-6, 1e-3)
+
+
 def test_high_noise_fraction_shifts_the_timesteps():
     trainer = Trainer(_cfg(high_noise_fraction=1.0, high_noise_from=0.7), DiffusionConfig(), torch.device("cpu"))
     assert trainer._timesteps(2000).min() >= 700
@@ -259,3 +282,14 @@ def test_data_without_both_classes_is_refused_before_training(tmp_path):
         train_bundle(only_malignant, tmp_path / "bundle", tmp_path / "state", _cfg(), Preprocessing(image_size=16),
                      device=torch.device("cpu"))
     assert not (tmp_path / "bundle").exists() and not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(("extra", "needle"), [(["--lr-decay-from", "20"], "--lr-decay-from 20 must be a step before"),
+                                               (["--lr-final", "0.1"], "--lr-final 0.1 must be positive")])
+def test_an_impossible_learning_rate_schedule_is_refused_before_any_work(extra, needle, tmp_path, capsys):
+    from hideseek.cli import main
+
+    argv = ["train", "--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "b"), "--state",
+            str(tmp_path / "s"), "--steps", "10", *extra]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err and not any(tmp_path.iterdir())

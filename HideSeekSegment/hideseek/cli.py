@@ -207,6 +207,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, help="stop after this many minutes (state is saved; resume later)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-decay-from", type=int, metavar="STEP",
+                   help="from this step, decay the learning rate (cosine) to --lr-final at --steps (default: constant)")
+    p.add_argument("--lr-final", type=float, default=2e-6, help="learning rate at the last step of a decay")
     p.add_argument("--high-noise-fraction", type=float, default=0.5,
                    help="share of each batch trained at t >= T/2, where only z can carry the image (default 0.5)")
     p.add_argument("--classifier-c", type=float, default=0.01,
@@ -242,6 +245,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from .preprocessing import Preprocessing
     from .training import TrainConfig, train_bundle
 
+    if args.lr_decay_from is not None and not 0 <= args.lr_decay_from < args.steps:
+        raise InputError(f"--lr-decay-from {args.lr_decay_from} must be a step before --steps {args.steps}")
+    if not 0 < args.lr_final <= args.lr:
+        raise InputError(f"--lr-final {args.lr_final} must be positive and at most --lr {args.lr}")
     _apply_threads(args)
     card_text = _read_card_text(args.card) if args.card else None
     prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
@@ -251,7 +258,7 @@ def _run_train(args: argparse.Namespace) -> int:
           file=sys.stderr)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       high_noise_fraction=args.high_noise_fraction, x0_weight_max=args.x0_weight_max,
-                      bf16=not args.no_bf16)
+                      lr_decay_from=args.lr_decay_from, lr_final=args.lr_final, bf16=not args.no_bf16)
 
     def report(record: dict) -> None:
         if "eval" in record:

@@ -12,6 +12,7 @@ each in its own file, so that the part worth committing between sessions (the we
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.998
     warmup_steps: int = 200
+    lr_decay_from: int | None = None  # from this step, cosine decay of lr to lr_final at the run's last step
+    lr_final: float = 2e-6
     high_noise_fraction: float = 0.5  # share of each batch with t drawn from [high_noise_from*T, T)
     high_noise_from: float = 0.5
     x0_weight_max: float = 1.0  # >1: weight each sample by clip(1/SNR(t), 1, this), i.e. toward an x0-space loss
@@ -149,7 +152,14 @@ class Trainer:
         return (1.0 / snr).clamp(1.0, max(1.0, self.cfg.x0_weight_max))
 
     def _lr(self) -> float:
-        return self.cfg.lr * min(1.0, (self.step - self._warmup_from + 1) / max(1, self.cfg.warmup_steps))
+        """Warm-up, constant, then (with ``lr_decay_from``) a cosine down to ``lr_final`` at the last step: a
+        constant rate stopped helping the bundled model after ~8000 steps (BENCHMARKS.md section 3)."""
+        cfg = self.cfg
+        lr = cfg.lr
+        if cfg.lr_decay_from is not None and self.step >= cfg.lr_decay_from:
+            done = min(1.0, (self.step - cfg.lr_decay_from) / max(1, cfg.steps - cfg.lr_decay_from))
+            lr = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1.0 + math.cos(math.pi * done))
+        return lr * min(1.0, (self.step - self._warmup_from + 1) / max(1, cfg.warmup_steps))
 
     def train_step(self, x0: torch.Tensor) -> float:
         self.model.train()
@@ -301,7 +311,7 @@ class Trainer:
         return trainer
 
 
-RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max")
+RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max", "lr_decay_from", "lr_final")
 """Settings a resumed run takes from the new command (a curriculum); the rest stays as the run began."""
 
 WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors", "optimizer.safetensors"
