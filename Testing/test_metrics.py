@@ -14,6 +14,7 @@ from hideseek.metrics import (
     flagged_mimics,
     match_lesions,
     pooled_dice,
+    selection_key,
 )
 
 
@@ -98,3 +99,12 @@ def test_edit_efficacy_per_lesion_type_shows_a_type_the_edit_leaves():
     assert out["efficacy"] == pytest.approx(0.2 / 0.3)  # pooled: mean change 0.2, mean contrast 0.3
     assert "efficacy lytic" not in edit_efficacy(img, img, healed_blastic, np.where(lesions == 1, 0, lesions), body,
                                                  kinds)
+
+
+def test_settings_are_chosen_by_f1_then_by_the_fewest_mimics_flagged():
+    candidates = {"worse f1": (0.30, 0.0), "best, many mimics": (0.32, 0.5), "best, few mimics": (0.32001, 0.1),
+                  "no mimic truth": (0.31, float("nan"))}
+    ranked = sorted(candidates, key=lambda name: selection_key(*candidates[name]))
+    assert ranked == ["best, few mimics", "best, many mimics", "no mimic truth", "worse f1"]
+    assert selection_key(0.31, float("nan")) == (-0.31, 0.0)
+

@@ -24,7 +24,7 @@ import torch
 
 from .attribution import BLASTIC, LESION_TYPES, LYTIC, HideAndSeek
 from .classifier import LatentClassifier
-from .metrics import edit_efficacy, flagged_per_slice, mean_lesion_f1, mimic_fp_rate
+from .metrics import edit_efficacy, flagged_per_slice, mean_lesion_f1, mimic_fp_rate, selection_key
 from .network import DiffusionAutoencoder
 from .sampler import DDIMSampler, DiffusionConfig
 
@@ -133,7 +133,7 @@ def tune_candidates(
                 row["mimic_fp"] = round(mimic_fp_rate(flagged_per_slice(maps, mimics)), 4)
             table.append(row)
     default = table[0]
-    ranked = sorted(table, key=lambda r: (-r["f1"], r.get("mimic_fp", 0.0)))  # stable: full ties keep grid order
+    ranked = sorted(table, key=lambda r: selection_key(r["f1"], r.get("mimic_fp", np.nan)))  # stable: grid order
     best = ranked[0]
     return CandidateTuning({k: v for k, v in best.items() if k not in SCORES}, best["f1"], default["f1"],
                            len(images), ranked)

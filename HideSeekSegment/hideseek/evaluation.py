@@ -38,6 +38,7 @@ from .metrics import (
     mimic_fp_rate,
     pooled_dice,
     pooled_f1,
+    selection_key,
 )
 
 KINDS = {"lytic": LYTIC, "blastic": BLASTIC}
@@ -205,12 +206,10 @@ def split_validation(data: SliceSet, fraction: float, seed: int) -> tuple[np.nda
 def _tune(make: Callable[..., np.ndarray], grid: list[dict], truth: np.ndarray, mimics: np.ndarray) -> dict:
     """The grid point with the best mean lesion F1, ties going to the fewest mimics flagged (as the model's own
     candidate tuning, ``calibration.tune_candidates``)."""
-    scores = []
-    for g in grid:
-        maps = make(**g)
-        scores.append((round(mean_f1(maps, truth), 4), np.nan_to_num(mimic_fp_rate(flagged_per_slice(maps, mimics)))))
-    best = min(range(len(grid)), key=lambda i: (-scores[i][0], scores[i][1]))  # first of equals: grid order
-    return {**grid[best], "validation mean f1": scores[best][0]}
+    label_maps = (make(**g) for g in grid)
+    scores = [(mean_f1(m, truth), mimic_fp_rate(flagged_per_slice(m, mimics))) for m in label_maps]
+    best = min(range(len(grid)), key=lambda i: selection_key(*scores[i]))  # first of equals: grid order
+    return {**grid[best], "validation mean f1": round(scores[best][0], 4)}
 
 
 def evaluate(
