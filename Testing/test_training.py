@@ -285,11 +285,51 @@ def test_data_without_both_classes_is_refused_before_training(tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "needle"), [(["--lr-decay-from", "20"], "--lr-decay-from 20 must be a step before"),
-                                               (["--lr-final", "0.1"], "--lr-final 0.1 must be positive")])
-def test_an_impossible_learning_rate_schedule_is_refused_before_any_work(extra, needle, tmp_path, capsys):
+                                               (["--lr-final", "0.1"], "--lr-final 0.1 must be positive"),
+                                               (["--label-weight", "-1"], "--label-weight -1.0 must be 0 or")])
+def test_an_impossible_schedule_or_label_weight_is_refused_before_any_work(extra, needle, tmp_path, capsys):
     from hideseek.cli import main
 
     argv = ["train", "--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "b"), "--state",
             str(tmp_path / "s"), "--steps", "10", *extra]
     assert main(argv) == 2
     assert needle in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_the_label_head_learns_the_vertebra_label_from_z_and_resumes_with_the_state(tmp_path):
+    from safetensors.torch import load_file
+
+    from hideseek.training import HEAD_PREFIX, WEIGHTS_FILE
+
+    images = _toy_images(64)
+    labels = (np.arange(64) % 2).astype(np.int8)
+    images[labels == 1, 2:5, 2:5] += 1.0  # malignant slices carry a bright corner the encoder must see
+    trainer = Trainer(_cfg(steps=80, label_weight=1.0), DiffusionConfig(), torch.device("cpu"))
+    logs = []
+    trainer.run(images, labels, state_dir=tmp_path, progress=logs.append)
+    assert logs[-1]["label_loss"] < 0.5 * logs[0]["label_loss"]
+    saved = load_file(str(tmp_path / WEIGHTS_FILE))
+    assert {HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"} <= set(saved)
+    resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=100, label_weight=1.0)
+    assert torch.equal(resumed.label_head.weight, trainer.label_head.weight)
+    assert len(resumed.opt.state) == len(list(resumed.model.parameters())) + 2  # the head's Adam moments too
+    with pytest.raises(ValueError, match="label"):
+        resumed.run(images)
+
+
+def test_a_state_from_before_the_label_head_resumes_without_it_and_may_switch_it_on(tmp_path):
+    """States written before ``label_weight`` existed have neither the setting nor the head's tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from hideseek.training import HEAD_PREFIX, WEIGHTS_FILE
+
+    Trainer(_cfg(steps=20), DiffusionConfig(), torch.device("cpu")).run(_toy_images(), state_dir=tmp_path)
+    meta = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
+    del meta["config"]["label_weight"]
+    (tmp_path / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    weights = {k: v for k, v in load_file(str(tmp_path / WEIGHTS_FILE)).items() if not k.startswith(HEAD_PREFIX)}
+    save_file(weights, str(tmp_path / WEIGHTS_FILE))
+    plain = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, label_weight=0.0)
+    assert "resume" not in plain.history[-1] and plain.cfg.label_weight == 0.0
+    switched = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, label_weight=0.01)
+    assert switched.history[-1] == {"step": 20, "resume": "label_weight -> 0.01"}

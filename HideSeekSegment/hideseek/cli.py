@@ -216,6 +216,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="L2 strength of the latent classifier (sklearn's C; default 0.01 as published; 0 = by CV)")
     p.add_argument("--x0-weight-max", type=float, default=1.0,
                    help="weight samples by min(1/SNR(t), this): >1 pushes the decoder to use z (default 1: plain)")
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="weight of a logistic loss on z against the vertebra labels, so that z must carry what makes "
+                   "a vertebra malignant (default 0: the published, label-free DAE objective)")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between learning-curve points")
     p.add_argument("--intensity", default="hu_window", choices=["hu_window", "percentile"])
     p.add_argument("--name", default="hideseek-model", help="model name recorded in the bundle")
@@ -249,6 +252,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise InputError(f"--lr-decay-from {args.lr_decay_from} must be a step before --steps {args.steps}")
     if not 0 < args.lr_final <= args.lr:
         raise InputError(f"--lr-final {args.lr_final} must be positive and at most --lr {args.lr}")
+    if not 0 <= args.label_weight < float("inf"):
+        raise InputError(f"--label-weight {args.label_weight} must be 0 or a positive number")
     _apply_threads(args)
     card_text = _read_card_text(args.card) if args.card else None
     prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
@@ -258,14 +263,16 @@ def _run_train(args: argparse.Namespace) -> int:
           file=sys.stderr)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       high_noise_fraction=args.high_noise_fraction, x0_weight_max=args.x0_weight_max,
-                      lr_decay_from=args.lr_decay_from, lr_final=args.lr_final, bf16=not args.no_bf16)
+                      lr_decay_from=args.lr_decay_from, lr_final=args.lr_final, label_weight=args.label_weight,
+                      bf16=not args.no_bf16)
 
     def report(record: dict) -> None:
         if "eval" in record:
             print(f"\n  eval {json.dumps(record['eval'])}", file=sys.stderr, flush=True)
         else:
             eta = record["eta_s"]
-            print(f"\rstep {record['step']}/{record['steps']}  loss {record['loss']:.4f}  "
+            label = f"label loss {record['label_loss']:.3f}  " if "label_loss" in record else ""
+            print(f"\rstep {record['step']}/{record['steps']}  loss {record['loss']:.4f}  {label}"
                   f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}h  ", end="", file=sys.stderr, flush=True)
 
     out = train_bundle(

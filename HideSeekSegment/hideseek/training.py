@@ -5,6 +5,11 @@ trained end to end. Because the healthy edit only works when the decoder relies 
 code) for lesion content, timesteps can be drawn with extra weight at high noise levels, where x_t carries
 almost nothing and z must carry the image (``high_noise_fraction``).
 
+Optionally (``label_weight``) a linear head on z is trained with the vertebra-level label (logistic loss), so
+that z must separate malignant from healthy slices: the denoising loss alone let the bundled model's encoder
+drop low-contrast lytic defects (BENCHMARKS.md, latent probe). The labels are the same vertebra-level ones the
+latent classifier is fitted on; no lesion mask is used. The head is a training aid and is not exported.
+
 Resumable state (``Trainer.save_state``): the raw weights and the EMA in float32, the Adam moments in bfloat16,
 each in its own file, so that the part worth committing between sessions (the weights) stays small.
 """
@@ -56,6 +61,7 @@ class TrainConfig:
     high_noise_fraction: float = 0.5  # share of each batch with t drawn from [high_noise_from*T, T)
     high_noise_from: float = 0.5
     x0_weight_max: float = 1.0  # >1: weight each sample by clip(1/SNR(t), 1, this), i.e. toward an x0-space loss
+    label_weight: float = 0.0  # >0: add this × the logistic loss of a linear head on z against the slice's label
     augment_shift_px: int = 2  # random translation (reflect-padded)
     augment_intensity: float = 0.05  # random gain/offset in the normalised range
     bf16: bool = True  # autocast where the device runs bf16 natively (device.bf16_is_fast), else float32
@@ -95,7 +101,10 @@ class Trainer:
         self.ema = DiffusionAutoencoder(cfg.dae_config()).to(device).eval()
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.label_head = torch.nn.Linear(cfg.dae_config().enc_out_channels, 1).to(device)
+        self.opt = torch.optim.AdamW(
+            [*self.model.parameters(), *self.label_head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
         self.step = 0
         self.history: list[dict] = []
         self.elapsed_s = 0.0
@@ -129,8 +138,9 @@ class Trainer:
             x = x * gain + offset
         return x
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """Noise-prediction MSE, per sample weighted by ``_weights`` (plain MSE when x0_weight_max is 1).
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Noise-prediction MSE, per sample weighted by ``_weights`` (plain MSE when x0_weight_max is 1), and
+        the label head's logistic loss (None without ``label_weight``); the total is their weighted sum.
 
         Why weight: with eps-prediction, an error e in the predicted image costs only SNR(t)·e² at timestep t, so
         at high noise levels (SNR ~ 1e-3) the loss barely asks the network to know the image, and the decoder
@@ -145,7 +155,13 @@ class Trainer:
             pred = self.model(xt, t, cond)
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         w = self._weights(t)
-        return (w * per_sample).sum() / w.sum()
+        denoising = (w * per_sample).sum() / w.sum()
+        if not self.cfg.label_weight:
+            return denoising, None
+        if labels is None:
+            raise ValueError("label_weight > 0 needs the slices' vertebra-level labels")
+        logits = self.label_head(cond.float())[:, 0]
+        return denoising, torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float().to(self.device))
 
     def _weights(self, t: torch.Tensor) -> torch.Tensor:
         snr = self._sqrt_ac[t].pow(2) / self._sqrt_1m_ac[t].pow(2)
@@ -161,48 +177,58 @@ class Trainer:
             lr = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1.0 + math.cos(math.pi * done))
         return lr * min(1.0, (self.step - self._warmup_from + 1) / max(1, cfg.warmup_steps))
 
-    def train_step(self, x0: torch.Tensor) -> float:
+    def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float, float | None]:
+        """One optimizer step; returns the denoising loss and the label loss (None when not trained)."""
         self.model.train()
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
-        loss = self.loss(self._augment(x0).to(self.device))
+        denoising, label_loss = self.loss(self._augment(x0).to(self.device), labels)
+        loss = denoising if label_loss is None else denoising + self.cfg.label_weight * label_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self.label_head.parameters()], 1.0)
         self.opt.step()
         with torch.no_grad():
             d = self.cfg.ema_decay if self.step >= self.cfg.warmup_steps else 0.0
             for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 e.lerp_(p, 1.0 - d)
         self.step += 1
-        return float(loss.detach())
+        return float(denoising.detach()), None if label_loss is None else float(label_loss.detach())
 
     # -- the loop -------------------------------------------------------------------------------------
 
     def run(
         self,
         images: np.ndarray,
+        labels: np.ndarray | None = None,
         *,
         state_dir: Path | None = None,
         time_budget_s: float | None = None,
         progress: TrainProgress | None = None,
         on_checkpoint: Callable[[Trainer], None] | None = None,
     ) -> None:
-        """Train on ``images`` (N, H, W) in the model's intensity range until ``cfg.steps`` or the budget."""
+        """Train on ``images`` (N, H, W) in the model's intensity range until ``cfg.steps`` or the budget;
+        ``labels`` (N,) 0/1 are each slice's vertebra label, needed when ``cfg.label_weight`` > 0."""
         data = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
+        if self.cfg.label_weight and (labels is None or len(labels) != len(data)):
+            raise ValueError("label_weight > 0 needs one vertebra-level label per slice")
+        targets = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.float32))
         if data.shape[-1] != self.cfg.dae_config().image_size:
             raise ValueError(
                 f"slices are {tuple(data.shape[-2:])} but the model expects {self.cfg.dae_config().image_size} px"
             )
         order_rng = np.random.default_rng(self.cfg.seed + self.step)
-        start, losses = time.monotonic(), []
+        start, losses, label_losses = time.monotonic(), [], []
         session_steps = 0
         session_start = start  # ``start`` moves on at every checkpoint (time banked); budget and rate use this
         while self.step < self.cfg.steps:
             if time_budget_s is not None and time.monotonic() - session_start >= time_budget_s:
                 break
             idx = order_rng.integers(0, len(data), self.cfg.batch_size)
-            losses.append(self.train_step(data[idx]))
+            denoising, label_loss = self.train_step(data[idx], None if targets is None else targets[idx])
+            losses.append(denoising)
+            if label_loss is not None:
+                label_losses.append(label_loss)
             session_steps += 1
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 now = time.monotonic() - session_start
@@ -214,8 +240,10 @@ class Trainer:
                     "elapsed_s": round(self.elapsed_s + time.monotonic() - start, 1),
                     "eta_s": round(_eta(rate * (self.cfg.steps - self.step), time_budget_s, now), 1),
                 }
+                if label_losses:
+                    record["label_loss"] = float(np.mean(label_losses))
                 self.history.append(record)
-                losses = []
+                losses, label_losses = [], []
                 if progress is not None:
                     progress(record)
             if state_dir is not None and self.step % self.cfg.checkpoint_every == 0:
@@ -233,6 +261,12 @@ class Trainer:
 
     # -- resumable state ------------------------------------------------------------------------------
 
+    def _named_parameters(self):
+        """Every trained parameter by the name it has in the state files (the head's under HEAD_PREFIX)."""
+        yield from self.model.named_parameters()
+        for name, p in self.label_head.named_parameters():
+            yield HEAD_PREFIX + name, p
+
     def save_state(self, state_dir: Path) -> None:
         """Write the state atomically (temp files renamed into place), one file per part.
 
@@ -241,14 +275,15 @@ class Trainer:
         """
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        index = {id(p): n for n, p in self.model.named_parameters()}
+        index = {id(p): n for n, p in self._named_parameters()}
         moments, adam_steps = {}, {}
         for p, st in self.opt.state.items():
             name = index[id(p)]
             moments[f"m.{name}"] = st["exp_avg"].detach().to(torch.bfloat16).cpu().contiguous()
             moments[f"v.{name}"] = st["exp_avg_sq"].detach().to(torch.bfloat16).cpu().contiguous()
             adam_steps[name] = float(st["step"])
-        parts = {WEIGHTS_FILE: _float_tensors(self.model), EMA_FILE: _float_tensors(self.ema), OPTIMIZER_FILE: moments}
+        weights = _float_tensors(self.model) | {HEAD_PREFIX + k: v for k, v in _float_tensors(self.label_head).items()}
+        parts = {WEIGHTS_FILE: weights, EMA_FILE: _float_tensors(self.ema), OPTIMIZER_FILE: moments}
         for filename, tensors in parts.items():
             tmp = state_dir / (filename + ".tmp")
             save_file(tensors, str(tmp))
@@ -276,12 +311,17 @@ class Trainer:
         """
         state_dir = Path(state_dir)
         meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
-        cfg_dict = meta["config"] | overrides
-        if cfg_dict["architecture"] != meta["config"]["architecture"]:
+        began = TrainConfig().to_dict() | meta["config"]  # a setting newer than the state: its default applied
+        cfg_dict = began | overrides
+        if cfg_dict["architecture"] != began["architecture"]:
             raise ValueError("the architecture of a run cannot change when resuming")
         trainer = cls(TrainConfig(**cfg_dict), DiffusionConfig.from_dict(meta["diffusion"]), device)
-        changed = {k: v for k, v in overrides.items() if k != "steps" and meta["config"].get(k) != v}
-        trainer.model.load_state_dict(load_file(str(state_dir / WEIGHTS_FILE)))
+        changed = {k: v for k, v in overrides.items() if k != "steps" and began[k] != v}
+        weights = load_file(str(state_dir / WEIGHTS_FILE))
+        head = {k.removeprefix(HEAD_PREFIX): weights.pop(k) for k in list(weights) if k.startswith(HEAD_PREFIX)}
+        trainer.model.load_state_dict(weights)
+        if head:  # states written before the label head have none: it starts fresh
+            trainer.label_head.load_state_dict(head)
         notes = []
         if (state_dir / EMA_FILE).is_file():
             trainer.ema.load_state_dict(load_file(str(state_dir / EMA_FILE)))
@@ -294,7 +334,7 @@ class Trainer:
         trainer.step, trainer.elapsed_s, trainer.history = meta["step"], meta["elapsed_s"], meta["history"]
         if (state_dir / OPTIMIZER_FILE).is_file():
             moments = load_file(str(state_dir / OPTIMIZER_FILE))
-            for name, p in trainer.model.named_parameters():
+            for name, p in trainer._named_parameters():
                 if f"m.{name}" in moments:
                     trainer.opt.state[p] = {
                         "step": torch.tensor(meta["adam_steps"][name]),
@@ -311,11 +351,14 @@ class Trainer:
         return trainer
 
 
-RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max", "lr_decay_from", "lr_final")
+RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max", "lr_decay_from", "lr_final", "label_weight")
 """Settings a resumed run takes from the new command (a curriculum); the rest stays as the run began."""
 
 WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors", "optimizer.safetensors"
 """Parts of a training state; a compact copy between sessions keeps only the weights (see save_state)."""
+
+HEAD_PREFIX = "label_head."
+"""The label head's tensors in the weights file, beside the DAE's (the bundle never holds them)."""
 
 
 def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
@@ -467,7 +510,8 @@ def train_bundle(
             progress({"eval": point})
 
     trainer.run(
-        train.images, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress, on_checkpoint=evaluate
+        train.images, train.malignant, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress,
+        on_checkpoint=evaluate,
     )
     z_train = encode_latents(trainer.ema, train.images).double().numpy()
     classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed, z=z_train)
