@@ -74,6 +74,22 @@ def test_a_slice_cache_is_written_once_then_read_instead_of_the_manifest(manifes
     assert len(cached_slice_set(manifest, PREP, None, mode="mid")) == 2 and sorted(tmp_path.glob("*.npz")) == [cache]
 
 
+def test_a_slice_cache_made_with_other_settings_is_refused_and_kept(manifest, tmp_path):
+    from dataclasses import replace
+
+    cache = tmp_path / "mid.npz"
+    cached_slice_set(manifest, PREP, cache, mode="mid")
+    before = cache.read_bytes()
+    with pytest.raises(InputError, match=r"mid.npz was made with other settings \(upper: .*this run needs 1000"):
+        cached_slice_set(manifest, replace(PREP, upper=1000.0), cache, mode="mid")
+    with pytest.raises(InputError, match=r"mode: 'mid', this run needs '3d'"):
+        cached_slice_set(manifest, PREP, cache, mode="3d")
+    unstamped = cached_slice_set(manifest, PREP, None, mode="mid").save(tmp_path / "old.npz")
+    with pytest.raises(InputError, match=r"does not record the preprocessing.*delete it"):
+        cached_slice_set(manifest, PREP, unstamped, mode="mid")
+    assert cache.read_bytes() == before
+
+
 def test_manifest_errors_are_specific(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_manifest(tmp_path / "none.csv")

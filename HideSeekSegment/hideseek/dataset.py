@@ -9,6 +9,7 @@ Real datasets and ``hideseek phantom`` output use the same format. Slices are ca
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,6 +24,7 @@ from .vertebrae import Vertebra, VertebraLabels, load_vertebra_labels, vertebral
 from .volume import extract_vertebra_slices, sample_labels
 
 REQUIRED_COLUMNS = ("ct", "vertebrae", "label", "malignant")
+MADE_WITH = "made_with"  # key of a cached set's record of the preprocessing and mode it was extracted with
 
 
 @dataclass
@@ -50,9 +52,11 @@ class SliceSet:
         per_vertebra = [np.flatnonzero(self.vertebra == v) for v in np.unique(self.vertebra)]
         return np.array([ix[len(ix) // 2] for ix in per_vertebra], dtype=int)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, made_with: str | None = None) -> Path:
+        """Write the set as one ``.npz``; ``made_with`` records how it was extracted (see ``cached_slice_set``)."""
         path = Path(path)
-        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+        stamp = {} if made_with is None else {MADE_WITH: np.array(made_with)}
+        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in fields(self)}, **stamp)
         return path
 
     @classmethod
@@ -156,12 +160,31 @@ def cached_slice_set(
     """The slices of ``manifest``: read from ``cache`` when that file exists, else extracted and written there.
 
     Extraction reads every CT of the manifest (minutes for a training set); the cache makes repeated runs start
-    at once. It is not checked against ``preprocessing``: use one cache per preprocessing and mode.
+    at once. The cache records the preprocessing and mode it was made with, and a cache made otherwise (another
+    model's intensity window, 3-D slices where mid slices are needed) is refused rather than silently used.
     """
     cache = Path(cache) if cache else None
+    stamp = json.dumps({"preprocessing": preprocessing.to_dict(), "mode": mode}, sort_keys=True)
     if cache is not None and cache.is_file():
+        _check_cache_stamp(cache, stamp)
         return SliceSet.load(cache)
     data = build_slice_set(manifest, preprocessing, mode=mode, progress=progress)
     if cache is not None:
-        data.save(cache)
+        data.save(cache, made_with=stamp)
     return data
+
+
+def _check_cache_stamp(cache: Path, stamp: str) -> None:
+    with np.load(cache, allow_pickle=False) as data:
+        made_with = str(data[MADE_WITH]) if MADE_WITH in data.files else None
+    if made_with == stamp:
+        return
+    fix = "delete it (it is made again from the manifest) or give another cache file"
+    if made_with is None:
+        raise InputError(f"slice cache {cache}: it does not record the preprocessing it was made with; {fix}")
+    made, needed = json.loads(made_with), json.loads(stamp)
+    differs = [f"{key}: {made['preprocessing'].get(key)!r}, this run needs {value!r}"
+               for key, value in needed["preprocessing"].items() if made["preprocessing"].get(key) != value]
+    if made["mode"] != needed["mode"]:
+        differs.append(f"mode: {made['mode']!r}, this run needs {needed['mode']!r}")
+    raise InputError(f"slice cache {cache} was made with other settings ({'; '.join(differs)}); {fix}")
