@@ -100,6 +100,7 @@ class HideSeekSegmentParameterNode:
     preset: Preset = Preset.FAST
     modelSensitivity: bool = True
     deltaThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    ddimSteps: Annotated[int, WithinRange(0, 250)] = 0  # 0: the preset's own
     device: Device = Device.AUTO
 
 
@@ -279,6 +280,7 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 preset=p.preset.value,
                 deltaThreshold=None if p.modelSensitivity else p.deltaThreshold,
                 device=p.device.value,
+                ddimSteps=p.ddimSteps or None,
             )
             self.showRunning(True)
             self._timer.start()

@@ -526,7 +526,7 @@ def test_worker_command_is_what_the_cli_accepts(lib, phantom, tmp_path):
     logic = lib.logic.HideSeekLogic()
     exported = logic.exportInputs(phantom.ct, phantom.vertebrae, tmp_path)
     command = logic.segmentCommand(exported, tmp_path / "out", levels=["L1", "L2"], mode="3d", model="/m",
-                                   preset="published", deltaThreshold=0.35, device="cpu")
+                                   preset="published", deltaThreshold=0.35, device="cpu", ddimSteps=50)
     assert command[:3] == [sys.executable, "-m", "hideseek"]
     args = build_parser().parse_args(command[3:])
     assert (args.ct, args.vertebrae, args.label_table) == tuple(map(str, (exported.ct, exported.vertebrae,
@@ -535,7 +535,10 @@ def test_worker_command_is_what_the_cli_accepts(lib, phantom, tmp_path):
         "plain", "L1,L2", "3d", "/m", "published")
     assert (args.delta_threshold, args.device, args.progress, args.out) == (0.35, "cpu", "json",
                                                                             str(tmp_path / "out"))
-    for bad in ({"mode": "2d"}, {"deltaThreshold": 1.5}, {"levels": []}, {"preset": "slow"}, {"device": "tpu"}):
+    assert args.ddim_steps == 50
+    assert "--ddim-steps" not in logic.segmentCommand(exported, tmp_path / "out")  # the preset's own
+    for bad in ({"mode": "2d"}, {"deltaThreshold": 1.5}, {"levels": []}, {"preset": "slow"}, {"device": "tpu"},
+                {"ddimSteps": 0}, {"ddimSteps": 251}):
         with pytest.raises(InputError, match="invalid setting"):
             logic.segmentCommand(exported, tmp_path / "out", **bad)
 
@@ -616,7 +619,7 @@ def test_install_uses_pip_ensure_and_never_touches_slicers_own_packages(lib, mon
 def test_logic_process_signature(lib):
     params = list(inspect.signature(lib.logic.HideSeekLogic.process).parameters)
     assert params == ["self", "ctVolume", "vertebrae", "outputSegmentation", "levels", "mode", "model", "preset",
-                      "deltaThreshold", "device", "progress", "cancel"]
+                      "deltaThreshold", "device", "ddimSteps", "progress", "cancel"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -687,6 +690,11 @@ def test_every_parameter_has_a_matching_widget(ui, module_source):
             assert widget.get("class") == "QComboBox", field
         elif annotation == "bool":
             assert widget.get("class") == "QCheckBox", field
+        elif annotation.startswith("Annotated[int"):
+            low, high = map(int, re.fullmatch(r"Annotated\[int, WithinRange\((.+), (.+)\)\]", annotation).groups())
+            assert widget.get("class") == "QSpinBox", field
+            assert (int(_property(widget, "minimum").findtext("number")), int(_property(widget, "maximum").findtext(
+                "number"))) == (low, high), field
         else:
             low, high = map(float, re.fullmatch(r"Annotated\[float, WithinRange\((.+), (.+)\)\]", annotation).groups())
             assert widget.get("class") == "ctkSliderWidget", field
@@ -735,7 +743,7 @@ def test_module_file_runs_with_the_application_parts_stubbed(lib, slicer_core, m
 
     assert list(module.HideSeekSegmentParameterNode.__annotations__) == [
         "inputVolume", "vertebrae", "outputSegmentation", "mode", "preset", "modelSensitivity", "deltaThreshold",
-        "device"]
+        "ddimSteps", "device"]
     assert [m.value for m in module.Mode] == list(lib.logic.MODES)
     assert [m.value for m in module.Preset] == list(lib.logic.PRESETS)
     assert [m.value for m in module.Device] == list(lib.logic.DEVICES)
@@ -746,9 +754,11 @@ def test_module_file_runs_with_the_application_parts_stubbed(lib, slicer_core, m
     assert logic._workerEnvironment()["PYTHONPATH"] == str(MODULE_DIR)
 
 
-def test_logic_settings_match_the_engine(lib):
+def test_logic_settings_match_the_engine(lib, ui):
     from hideseek.attribution import PRESETS
     from hideseek.volume import MODES
 
     assert lib.logic.MODES == MODES
+    spin_box_max = _property(ui[1]["ddimStepsSpinBox"], "maximum").findtext("number")
+    assert int(spin_box_max) == lib.logic.MAX_DDIM_STEPS == PRESETS["published"].encode_steps
     assert set(lib.logic.PRESETS) == set(PRESETS)

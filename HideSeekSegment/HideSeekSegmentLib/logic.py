@@ -26,6 +26,7 @@ from .runner import ProcessRunner
 MODES = ("mid", "3d")
 PRESETS = ("fast", "published")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_DDIM_STEPS = 250  # the published inversion's count; the GUI's spin box stops here too
 POLL_SECONDS = 0.2
 ENGINE_DIR = Path(__file__).resolve().parents[1]
 """The folder holding the ``hideseek`` package (the module's folder): put first on the worker's PYTHONPATH so
@@ -93,13 +94,18 @@ class HideSeekLogic:
         preset: str | None = "fast",
         deltaThreshold: float | None = None,
         device: str = "auto",
+        ddimSteps: int | None = None,
     ) -> list[str]:
-        """The worker's command line (``hideseek segment``, see docs/output-contract.md); checks the settings."""
+        """The worker's command line (``hideseek segment``, see docs/output-contract.md); checks the settings.
+
+        ``ddimSteps`` sets the DDIM steps of the inversion and the edit (None: the preset's own)."""
         _check(mode in MODES, f"mode {mode!r}: use {' or '.join(MODES)}")
         _check(preset is None or preset in PRESETS, f"preset {preset!r}: use {' or '.join(PRESETS)}")
         _check(device in DEVICES or device.startswith("cuda:"), f"device {device!r}: use {', '.join(DEVICES)}")
         _check(deltaThreshold is None or 0.0 < deltaThreshold < 1.0, f"Δ threshold {deltaThreshold}: use 0..1")
         _check(levels is None or len(levels) > 0, "no vertebra chosen: tick at least one level")
+        _check(ddimSteps is None or 1 <= ddimSteps <= MAX_DDIM_STEPS,
+               f"DDIM steps {ddimSteps}: use 1..{MAX_DDIM_STEPS}, or none for the preset's own")
         command = [
             *self.pythonCommand, "-m", "hideseek", "segment",
             "--ct", str(exported.ct),
@@ -119,6 +125,8 @@ class HideSeekLogic:
             command += ["--preset", preset]
         if deltaThreshold is not None:
             command += ["--delta-threshold", repr(float(deltaThreshold))]
+        if ddimSteps is not None:
+            command += ["--ddim-steps", str(int(ddimSteps))]
         return command
 
     def startRun(
@@ -131,6 +139,7 @@ class HideSeekLogic:
         preset: str | None = "fast",
         deltaThreshold: float | None = None,
         device: str = "auto",
+        ddimSteps: int | None = None,
         onEvent: Progress | None = None,
     ) -> Run:
         """Export the inputs and start the worker; returns at once. Follow it with ``run.runner.poll()``."""
@@ -138,7 +147,8 @@ class HideSeekLogic:
         try:
             exported = self.exportInputs(ctVolume, vertebrae, workDir / "inputs")
             outDir = workDir / "out"
-            command = self.segmentCommand(exported, outDir, levels, mode, model, preset, deltaThreshold, device)
+            command = self.segmentCommand(exported, outDir, levels, mode, model, preset, deltaThreshold, device,
+                                          ddimSteps)
             runner = ProcessRunner(command, env=self._workerEnvironment(), cwd=workDir, onEvent=onEvent)
             runner.start()
         except BaseException:
@@ -174,6 +184,7 @@ class HideSeekLogic:
         preset: str | None = "fast",
         deltaThreshold: float | None = None,
         device: str = "auto",
+        ddimSteps: int | None = None,
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> results.ImportedResult:
@@ -182,7 +193,7 @@ class HideSeekLogic:
         ``progress`` receives each progress event (dict, see docs/output-contract.md) on the calling thread;
         ``cancel`` is asked between events and stops the run (raising ``Cancelled``) when it returns True.
         """
-        run = self.startRun(ctVolume, vertebrae, levels, mode, model, preset, deltaThreshold, device)
+        run = self.startRun(ctVolume, vertebrae, levels, mode, model, preset, deltaThreshold, device, ddimSteps)
         try:
             self._follow(run, progress, cancel)
         except BaseException:
