@@ -9,7 +9,14 @@ import pytest
 
 from hideseek.cli import main
 from hideseek.dataset import SliceSet
-from hideseek.evaluation import difference_maps, mean_f1, score_method, split_validation, threshold_maps
+from hideseek.evaluation import (
+    delta_ranking,
+    difference_maps,
+    mean_f1,
+    score_method,
+    split_validation,
+    threshold_maps,
+)
 from hideseek.phantom import write_phantom_set
 
 
@@ -86,6 +93,31 @@ def test_cli_writes_scores_table_and_figure(small_phantoms, toy_bundle, tmp_path
     assert metrics["slices"]["validation"] + metrics["slices"]["test"] == 6
     assert "min_change" in metrics["methods"]["difference map"]["tuned"]
     assert (out / "examples.png").stat().st_size > 0 and (out / "table.md").is_file()
+    ranking = metrics["delta ranking (test candidates)"]
+    assert 0 <= ranking["on a true lesion"] <= ranking["candidates"]
+
+
+def test_delta_ranking_is_the_auc_of_delta_for_candidates_on_true_lesions():
+    from hideseek.attribution import BLASTIC, LYTIC, Candidate, SliceResult
+
+    data = _slice_set(2)  # slice 0: a lytic lesion at 6:12 and a blastic one at 18:24
+    empty = np.zeros((32, 32), bool)
+
+    def cand(kind, rows, cols, delta):
+        mask = empty.copy()
+        mask[rows, cols] = True
+        return Candidate(kind, mask, delta=delta)
+
+    on_lytic = cand(LYTIC, slice(6, 12), slice(6, 12), 0.9)
+    wrong_type = cand(BLASTIC, slice(6, 12), slice(6, 12), 0.8)  # on the lytic lesion, but called blastic
+    on_blastic = cand(BLASTIC, slice(19, 23), slice(19, 23), 0.7)
+    elsewhere = cand(LYTIC, slice(25, 27), slice(6, 12), 0.6)
+    results = [SliceResult(data.images[i], data.images[i], data.images[i], 0.9, 0.0, empty, cands)
+               for i, cands in enumerate([[on_lytic, wrong_type, on_blastic], [elsewhere]])]
+    ranking = delta_ranking(results, data.lesions)
+    # hits 0.9 and 0.7 against misses 0.8 and 0.6: three of the four (hit, miss) pairs ordered right
+    assert ranking == {"candidates": 4, "on a true lesion": 2, "delta auc": 0.75}
+    assert delta_ranking(results[1:], data.lesions[1:])["delta auc"] is None  # no hit: no AUC
 
 
 def test_cli_refuses_a_manifest_without_truth(toy_bundle, tmp_path, small_phantoms, capsys):

@@ -381,7 +381,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         (tmp / "table.md").write_text(table, encoding="utf-8")
         examples_figure(result, data, tmp / "examples.png")
     print(table)
-    print(f"classifier AUC {result.report['classifier auc']:.3f}; wrote {args.out}/: metrics.json, table.md, "
+    ranking = result.report["delta ranking (test candidates)"]
+    auc = "n/a" if ranking["delta auc"] is None else f"{ranking['delta auc']:.3f}"
+    print(f"classifier AUC {result.report['classifier auc']:.3f}; Δ ranks candidates on true lesions with AUC {auc} "
+          f"({ranking['on a true lesion']} of {ranking['candidates']}); wrote {args.out}/: metrics.json, table.md, "
           "examples.png")
     return 0
 

@@ -12,13 +12,14 @@ Every method turns one mid-sagittal slice per vertebra into a 0/1/2 label map in
 
 Baseline thresholds are tuned on a validation split of the vertebrae and frozen for the test split. Scores follow
 BENCHMARKS.md: lesion F1 (IoU >= 0.1, also any overlap and IoU >= 0.5), Dice, pooled Dice, mimic false
-positives, the classifier's AUC, and 95 % bootstrap intervals over test vertebrae.
+positives, the classifier's AUC, and 95 % bootstrap intervals over test vertebrae. ``delta_ranking`` asks
+whether the hide-and-seek step itself adds anything: does Δ rank the candidates on true lesions first?
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from .metrics import (
     components,
     dice,
     flagged_per_slice,
+    iou_of,
     lesion_counts,
     mean_lesion_f1,
     mimic_fp_rate,
@@ -281,6 +283,7 @@ def evaluate(
         },
         "classifier auc": roc_auc(data.malignant[test], p[test]),
         "hide-and-seek seconds per slice": round(seconds / max(1, len(data)), 3),
+        "delta ranking (test candidates)": delta_ranking([results[i] for i in test], data.lesions[test]),
         "methods": {},
     }
     report["classifier auc ci"] = bootstrap_ci(
@@ -293,6 +296,20 @@ def evaluate(
             **score_method(out.label_maps[test], test_data, reps=reps, seed=seed),
         }
     return Evaluation(report, outputs, results, test)
+
+
+def delta_ranking(results: Sequence[SliceResult], truth: np.ndarray, *, iou: float = 0.1) -> dict:
+    """How well Δ separates the candidates that lie on a true lesion of their type (IoU >= ``iou``, the hit rule
+    of lesion F1) from the others, over every scored candidate: ROC AUC of Δ (0.5: Δ ranks no better than chance,
+    so thresholding it can only drop true and false candidates alike; None without both kinds)."""
+    hits, deltas = [], []
+    for result, lesions in zip(results, truth, strict=True):
+        for cand in result.candidates:
+            hits.append(any(iou_of(cand.mask, t) >= iou for t in components(lesions == cand.kind, MIN_LESION_PX)))
+            deltas.append(cand.delta)
+    n_hit = int(sum(hits))
+    auc = roc_auc(np.array(hits, int), np.array(deltas)) if 0 < n_hit < len(hits) else None
+    return {"candidates": len(hits), "on a true lesion": n_hit, "delta auc": None if auc is None else round(auc, 3)}
 
 
 def _auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -45,7 +45,7 @@ def match_lesions(pred: np.ndarray, truth: np.ndarray, kind: int, *, iou: float 
     p, t = components(pred == kind, min_px), components(truth == kind, min_px)
     if not p or not t:
         return MatchCounts(0, len(p), len(t))
-    ious = np.array([[_iou(a, b) for b in t] for a in p])
+    ious = np.array([[iou_of(a, b) for b in t] for a in p])
     rows, cols = linear_sum_assignment(-ious)
     hits = int(sum(ious[r, c] >= iou and ious[r, c] > 0 for r, c in zip(rows, cols, strict=True)))
     return MatchCounts(hits, len(p) - hits, len(t) - hits)
@@ -69,7 +69,8 @@ def mean_lesion_f1(label_maps: np.ndarray, truth: np.ndarray, kinds: Sequence[in
     return float(np.mean([pooled_f1(lesion_counts(label_maps, truth, k, iou=iou, min_px=min_px)) for k in kinds]))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def iou_of(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when they do not touch)."""
     inter = np.logical_and(a, b).sum()
     return float(inter / np.logical_or(a, b).sum()) if inter else 0.0
 
