@@ -99,7 +99,7 @@ class HideSeekSegmentParameterNode:
     mode: Mode = Mode.MID
     preset: Preset = Preset.FAST
     modelSensitivity: bool = True
-    deltaThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    deltaThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     ddimSteps: Annotated[int, WithinRange(0, 250)] = 0  # 0: the preset's own
     device: Device = Device.AUTO
 

@@ -537,6 +537,7 @@ def test_worker_command_is_what_the_cli_accepts(lib, phantom, tmp_path):
                                                                             str(tmp_path / "out"))
     assert args.ddim_steps == 50
     assert "--ddim-steps" not in logic.segmentCommand(exported, tmp_path / "out")  # the preset's own
+    assert "0.0" in logic.segmentCommand(exported, tmp_path / "out", deltaThreshold=0.0)  # every tunable value
     for bad in ({"mode": "2d"}, {"deltaThreshold": 1.5}, {"levels": []}, {"preset": "slow"}, {"device": "tpu"},
                 {"ddimSteps": 0}, {"ddimSteps": 251}):
         with pytest.raises(InputError, match="invalid setting"):
@@ -585,12 +586,13 @@ def test_model_cards_carry_the_tuned_delta_threshold_per_preset(lib, toy_bundle,
     assert lib.models.readModelCard(toy_bundle).deltaThresholds == {}
     manifest = json.loads((toy_bundle / "model.json").read_text(encoding="utf-8"))
     manifest["method"]["presets"] = {"fast": {"delta_threshold": 0.3}, "published": {"delta_threshold": 0.5},
-                                     "odd": {"delta_threshold": 2}, "bad": {"delta_threshold": "0.4"}}
+                                     "edge": {"delta_threshold": 0.0}, "odd": {"delta_threshold": 2},
+                                     "bad": {"delta_threshold": "0.4"}}
     tuned = tmp_path / "tuned"
     tuned.mkdir()
     (tuned / "model.json").write_text(json.dumps(manifest), encoding="utf-8")
     (tuned / "model.safetensors").write_bytes((toy_bundle / "model.safetensors").read_bytes())
-    assert lib.models.readModelCard(tuned).deltaThresholds == {"fast": 0.3, "published": 0.5}
+    assert lib.models.readModelCard(tuned).deltaThresholds == {"fast": 0.3, "published": 0.5, "edge": 0.0}
 
 
 def test_missing_requirements(lib):
@@ -761,4 +763,10 @@ def test_logic_settings_match_the_engine(lib, ui):
     assert lib.logic.MODES == MODES
     spin_box_max = _property(ui[1]["ddimStepsSpinBox"], "maximum").findtext("number")
     assert int(spin_box_max) == lib.logic.MAX_DDIM_STEPS == PRESETS["published"].encode_steps
+    # The Δ slider follows the model's tuned threshold, so it must reach every threshold the tuner may choose.
+    from hideseek.calibration import DELTA_THRESHOLDS
+
+    slider = ui[1]["deltaThresholdSliderWidget"]
+    low, high = (float(_property(slider, k).findtext("double")) for k in ("minimum", "maximum"))
+    assert low <= min(DELTA_THRESHOLDS) and max(DELTA_THRESHOLDS) <= high
     assert set(lib.logic.PRESETS) == set(PRESETS)

@@ -102,7 +102,7 @@ class HideSeekLogic:
         _check(mode in MODES, f"mode {mode!r}: use {' or '.join(MODES)}")
         _check(preset is None or preset in PRESETS, f"preset {preset!r}: use {' or '.join(PRESETS)}")
         _check(device in DEVICES or device.startswith("cuda:"), f"device {device!r}: use {', '.join(DEVICES)}")
-        _check(deltaThreshold is None or 0.0 < deltaThreshold < 1.0, f"Δ threshold {deltaThreshold}: use 0..1")
+        _check(deltaThreshold is None or 0.0 <= deltaThreshold <= 1.0, f"Δ threshold {deltaThreshold}: use 0..1")
         _check(levels is None or len(levels) > 0, "no vertebra chosen: tick at least one level")
         _check(ddimSteps is None or 1 <= ddimSteps <= MAX_DDIM_STEPS,
                f"DDIM steps {ddimSteps}: use 1..{MAX_DDIM_STEPS}, or none for the preset's own")

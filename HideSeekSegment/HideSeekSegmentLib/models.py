@@ -100,7 +100,7 @@ def _tunedDeltaThresholds(method) -> dict[str, float]:
     tuned = {}
     for preset, settings in presets.items():
         value = settings.get("delta_threshold") if isinstance(settings, dict) else None
-        if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value < 1.0:
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
             tuned[str(preset)] = float(value)
     return tuned
 
