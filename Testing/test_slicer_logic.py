@@ -758,14 +758,13 @@ def test_module_file_runs_with_the_application_parts_stubbed(lib, slicer_core, m
 
 def test_logic_settings_match_the_engine(lib, ui):
     from hideseek.attribution import PRESETS
+    from hideseek.calibration import DELTA_THRESHOLDS
     from hideseek.volume import MODES
 
     assert lib.logic.MODES == MODES
     spin_box_max = _property(ui[1]["ddimStepsSpinBox"], "maximum").findtext("number")
     assert int(spin_box_max) == lib.logic.MAX_DDIM_STEPS == PRESETS["published"].encode_steps
     # The Δ slider follows the model's tuned threshold, so it must reach every threshold the tuner may choose.
-    from hideseek.calibration import DELTA_THRESHOLDS
-
     slider = ui[1]["deltaThresholdSliderWidget"]
     low, high = (float(_property(slider, k).findtext("double")) for k in ("minimum", "maximum"))
     assert low <= min(DELTA_THRESHOLDS) and max(DELTA_THRESHOLDS) <= high

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -252,7 +253,7 @@ def _run_train(args: argparse.Namespace) -> int:
         raise InputError(f"--lr-decay-from {args.lr_decay_from} must be a step before --steps {args.steps}")
     if not 0 < args.lr_final <= args.lr:
         raise InputError(f"--lr-final {args.lr_final} must be positive and at most --lr {args.lr}")
-    if not 0 <= args.label_weight < float("inf"):
+    if not (math.isfinite(args.label_weight) and args.label_weight >= 0):
         raise InputError(f"--label-weight {args.label_weight} must be 0 or a positive number")
     _apply_threads(args)
     card_text = _read_card_text(args.card) if args.card else None

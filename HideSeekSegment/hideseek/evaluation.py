@@ -304,8 +304,9 @@ def delta_ranking(results: Sequence[SliceResult], truth: np.ndarray, *, iou: flo
     so thresholding it can only drop true and false candidates alike; None without both kinds)."""
     hits, deltas = [], []
     for result, lesions in zip(results, truth, strict=True):
+        true = {kind: components(lesions == kind, MIN_LESION_PX) for kind in {c.kind for c in result.candidates}}
         for cand in result.candidates:
-            hits.append(any(iou_of(cand.mask, t) >= iou for t in components(lesions == cand.kind, MIN_LESION_PX)))
+            hits.append(any(iou_of(cand.mask, t) >= iou for t in true[cand.kind]))
             deltas.append(cand.delta)
     n_hit = int(sum(hits))
     auc = roc_auc(np.array(hits, int), np.array(deltas)) if 0 < n_hit < len(hits) else None
