@@ -246,7 +246,7 @@ def test_edit_then_seek_is_the_run_and_tuning_reproduces_its_choice(tiny, classi
     grid = {"body_margin_px": (0, 2), "min_change": (0.0, 0.05), "candidate_quantile": (0.5,)}
     mimics = np.zeros(img.shape, np.uint16)
     mimics[0][body[0]] = 1  # slice 0 has no lesion: any candidate on it flags this benign "mimic"
-    tuning = tune_candidates(method, img, body, truth, mimics, grid=grid, thresholds=(0.5, 0.0))
+    tuning = tune_candidates(method, img, body, truth, mimics, grid=grid, thresholds=(0.5, 0.0), gates=(None,))
     assert len(tuning.table) == 2 * 2 * 2 and tuning.slices == 4
     assert tuning.table[0]["f1"] == tuning.f1 == max(r["f1"] for r in tuning.table)
     ranks = [(-r["f1"], r["mimic_fp"]) for r in tuning.table]
@@ -258,6 +258,30 @@ def test_edit_then_seek_is_the_run_and_tuning_reproduces_its_choice(tiny, classi
     maps = np.stack([r.label_map() for r in chosen])
     assert mean_lesion_f1(maps, truth, (LYTIC, BLASTIC)) == pytest.approx(tuning.f1, abs=1e-4)
     assert tuning.table[0]["mimic_fp"] == float(maps[0].any())
-    assert "mimic_fp" not in tune_candidates(method, img, body, truth, grid=grid).table[0]  # no mimic truth
+    assert "mimic_fp" not in tune_candidates(method, img, body, truth, grid=grid, gates=(None,)).table[0]
     with pytest.raises(ValueError, match="true lesions"):
         tune_candidates(method, img, body, np.zeros_like(truth), grid=grid)
+
+
+def test_tuned_gate_scores_what_a_gated_run_finds(tiny, classifier, slices):
+    img, body = slices
+    truth = np.zeros(img.shape, np.uint8)
+    truth[2, 14:19, 10:15] = BLASTIC
+    mimics = np.zeros(img.shape, np.uint16)
+    mimics[0][body[0]] = 1
+    method = HideAndSeek(tiny, DiffusionConfig(), classifier, FAST)
+    gate = float(np.median(method.edit(img).p_malignant))  # leaves two of the four slices unsearched
+    grid = {"body_margin_px": (0,), "min_change": (0.0,), "candidate_quantile": (0.5,)}
+    tuning = tune_candidates(method, img, body, truth, mimics, grid=grid, thresholds=(0.0,), gates=(None, gate))
+    rows = {r["gate_probability"]: r for r in tuning.table}
+    assert set(rows) == {None, gate}
+    for g, row in rows.items():
+        run = HideAndSeek(tiny, DiffusionConfig(), classifier, FAST.with_overrides(gate_probability=g,
+                                                                                   delta_threshold=0.0))
+        maps = np.stack([r.label_map() for r in run.run(img, body)])
+        assert mean_lesion_f1(maps, truth, (LYTIC, BLASTIC)) == pytest.approx(row["f1"], abs=1e-4)
+        assert row["mimic_fp"] == float(maps[0].any())
+    assert tuning.settings["gate_probability"] in rows
+    with pytest.raises(ValueError, match="gate"):
+        tune_candidates(HideAndSeek(tiny, DiffusionConfig(), classifier, FAST.with_overrides(gate_probability=0.5)),
+                        img, body, truth, mimics, grid=grid)

@@ -34,10 +34,11 @@ def test_segment_writes_the_outputs_and_a_summary(ts, toy_bundle, tmp_path, caps
 
 def test_method_settings_from_the_command_line_reach_the_report(ts, toy_bundle, tmp_path):
     extra = ("--levels", "L1", "--quiet", "--delta-threshold", "0.7", "--body-margin", "3", "--min-change", "0.05",
-             "--ddim-steps", "10")
+             "--gate", "0.25", "--ddim-steps", "10")
     assert _segment(*ts, tmp_path / "out", *extra, model=toy_bundle) == 0
     settings = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))["settings"]
     assert (settings["delta_threshold"], settings["body_margin_px"], settings["min_change"]) == (0.7, 3, 0.05)
+    assert settings["gate_probability"] == 0.25
     assert (settings["encode_steps"], settings["decode_steps"]) == (10, 10)
 
 
@@ -97,11 +98,13 @@ def _bad_inputs(ts, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing file": (["--ct", str(tmp / "nope.nii.gz")], "nope.nii.gz"),
         "impossible DDIM steps": (["--ddim-steps", "999"], "999 DDIM steps"),
         "Δ above 1": (["--delta-threshold", "1.5"], "delta_threshold must be in [0, 1]"),
+        "gate of 1": (["--gate", "1"], "gate_probability must be in [0, 1)"),
     }
 
 
 BAD = ["mr-like", "2-D image", "NaN voxels", "other geometry", "no labels", "unknown labels", "absent level",
-       "cut by the border", "truncated file", "missing file", "impossible DDIM steps", "Δ above 1"]
+       "cut by the border", "truncated file", "missing file", "impossible DDIM steps", "Δ above 1",
+       "gate of 1"]
 
 
 @pytest.mark.parametrize("case", BAD)

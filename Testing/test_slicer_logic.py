@@ -595,6 +595,21 @@ def test_model_cards_carry_the_tuned_delta_threshold_per_preset(lib, toy_bundle,
     assert lib.models.readModelCard(tuned).deltaThresholds == {"fast": 0.3, "published": 0.5, "edge": 0.0}
 
 
+def test_model_cards_say_which_slices_a_gated_model_searches(lib, toy_bundle, tmp_path):
+    card = lib.models.readModelCard(toy_bundle)
+    assert card.gates == {} and "searched" not in card.describe()
+    manifest = json.loads((toy_bundle / "model.json").read_text(encoding="utf-8"))
+    manifest["method"]["presets"] = {"fast": {"gate_probability": 0.5}, "published": {"gate_probability": None},
+                                     "zero": {"gate_probability": 0.0}, "odd": {"gate_probability": 1.0}}
+    gated = tmp_path / "gated"
+    gated.mkdir()
+    (gated / "model.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (gated / "model.safetensors").write_bytes((toy_bundle / "model.safetensors").read_bytes())
+    card = lib.models.readModelCard(gated)
+    assert card.gates == {"fast": 0.5}  # no gate, a zero gate (searches all) and an impossible one say nothing
+    assert "Preset fast: only slices scored above P(malignant) 0.5 are searched" in card.describe()
+
+
 def test_missing_requirements(lib):
     assert lib.dependencies.missingRequirements() == []
     assert lib.dependencies.missingRequirements(["numpy<1", "no-such-package-hideseek>=1", "scipy>=1"]) == [

@@ -184,7 +184,8 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     card_md = (out2 / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "| 60 |" in card_md and (out2 / "learning_curve.png").stat().st_size > 0
     assert "| lytic | blastic |" in card_md and "| – |" in card_md
-    assert "| mean F1 | mimic FP |" in card_md
+    assert "| P gate | mean F1 | mimic FP |" in card_md
+    assert "gate_probability" in tuning["chosen"]
 
 
 def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_reexports(tmp_path):

@@ -9,7 +9,7 @@ docs/model-bundle.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,8 @@ class ModelCard:
     limitations: str
     deltaThresholds: dict[str, float] = field(default_factory=dict)
     """Per preset, the Δ threshold the model was tuned with (``method.presets``); absent where it was not."""
+    gates: dict[str, float] = field(default_factory=dict)
+    """Per preset, the P(malignant) below which the model leaves a slice unsearched; absent where it has none."""
 
     @property
     def title(self) -> str:
@@ -53,6 +55,8 @@ class ModelCard:
             lines.append(self.summary)
         if self.limitations:
             lines.append(f"Limitations: {self.limitations}")
+        lines += [f"Preset {preset}: only slices scored above P(malignant) {gate:g} are searched for lesions."
+                  for preset, gate in sorted(self.gates.items())]
         lines.append(f"Folder: {self.path}")
         return "\n".join(lines)
 
@@ -89,18 +93,20 @@ def readModelCard(folder: str | Path) -> ModelCard:
         licence=str(card.get("licence", "")),
         intendedUse=str(card.get("intended_use", "")),
         limitations=str(card.get("limitations", "")),
-        deltaThresholds=_tunedDeltaThresholds(data.get("method")),
+        deltaThresholds=_tuned(data.get("method"), "delta_threshold", lambda v: 0.0 <= v <= 1.0),
+        gates=_tuned(data.get("method"), "gate_probability", lambda v: 0.0 < v < 1.0),
     )
 
 
-def _tunedDeltaThresholds(method) -> dict[str, float]:
+def _tuned(method, setting: str, valid: Callable[[float], bool]) -> dict[str, float]:
+    """Per preset, one numeric setting of ``method.presets``; missing, non-numeric or invalid values are left out."""
     presets = method.get("presets") if isinstance(method, dict) else None
     if not isinstance(presets, dict):
         return {}
     tuned = {}
     for preset, settings in presets.items():
-        value = settings.get("delta_threshold") if isinstance(settings, dict) else None
-        if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+        value = settings.get(setting) if isinstance(settings, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and valid(value):
             tuned[str(preset)] = float(value)
     return tuned
 

@@ -71,6 +71,9 @@ class AttributionSettings:
         if not 0.0 <= self.delta_threshold <= 1.0:
             raise ValueError(f"delta_threshold must be in [0, 1] (a share of the malignant score), "
                              f"got {self.delta_threshold}")
+        if self.gate_probability is not None and not 0.0 <= self.gate_probability < 1.0:
+            raise ValueError(f"gate_probability must be in [0, 1) (0 searches every slice), "
+                             f"got {self.gate_probability}")
         if min(self.ddim_steps()) < 1:
             raise ValueError(f"DDIM step counts must be positive, got {self.ddim_steps()}")
 

@@ -8,10 +8,10 @@ P(malignant) of the re-encoded edit — and the most effective setting whose out
 bound is kept. One DDIM inversion per slice serves every setting.
 
 An imperfect edit also changes normal bone (the cortical shell above all), so which changes become candidates
-matters as much: ``tune_candidates`` picks the body margin, the absolute change floor, the quantile and the Δ
-threshold with the best lesion F1 on validation slices, from one edit per slice; among equal F1 the setting
-that flags the fewest benign mimics wins. Both need lesion truth (phantoms); a model trained on vertebra labels
-alone keeps the published defaults.
+matters as much: ``tune_candidates`` picks the body margin, the absolute change floor, the quantile, the Δ
+threshold and the P(malignant) gate with the best lesion F1 on validation slices, from one edit per slice;
+among equal F1 the setting that flags the fewest benign mimics wins. Both need lesion truth (phantoms); a model
+trained on vertebra labels alone keeps the published defaults.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ DELTA_THRESHOLDS = (0.5, 0.3, 0.1, 0.0, 0.7, 0.9)
 """Δ thresholds tried, the published 0.5 first. Above 0.5 too: with encoder-only scoring Δ is normalised by the
 latent scores (the edited latent's is ~0), so a candidate whose reveal restores nothing still scores about
 P(composite) / P(input) — for v10280, whose re-encoded edit keeps P ≈ 0.36 against ~0.5, about 0.7."""
+
+GATE_PROBABILITIES: tuple[float | None, ...] = (None, 0.3, 0.5, 0.7)
+"""``gate_probability`` values tried, no gate first. Every candidate of a healthy vertebra is a false positive,
+and the classifier (AUC ~0.7-0.8 on validation) already says which vertebrae look healthy; a gated slice is
+simply left unsearched, so the gates are scored on the ungated run without another network pass."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +119,13 @@ def tune_candidates(
     *,
     grid: dict[str, tuple] = CANDIDATE_GRID,
     thresholds: tuple[float, ...] = DELTA_THRESHOLDS,
+    gates: tuple[float | None, ...] = GATE_PROBABILITIES,
     min_lesion_px: int = 5,
 ) -> CandidateTuning:
-    """Best mean lesion F1 (IoU >= 0.1) over ``grid`` × ``thresholds`` on slices with truth, ties going to the
-    lowest share of ``mimics`` instances flagged (see module doc)."""
+    """Best mean lesion F1 (IoU >= 0.1) over ``grid`` × ``thresholds`` × ``gates`` on slices with truth, ties going
+    to the lowest share of ``mimics`` instances flagged (see module doc). The method's own gate must be off."""
+    if method.settings.gate_probability is not None:
+        raise ValueError("candidate tuning chooses the gate itself: run it with gate_probability None")
     if not (lesions > 0).any():
         raise ValueError("candidate tuning needs slices with true lesions")
     with_mimics = mimics is not None and bool((mimics > 0).any())
@@ -128,9 +136,10 @@ def tune_candidates(
         seeker = HideAndSeek(method.dae, method.diffusion, method.classifier,
                              method.settings.with_overrides(**overrides))
         results = seeker.seek(edits, bodies)
-        for threshold in thresholds:
-            maps = np.stack([r.label_map(threshold) for r in results])
-            row = {**overrides, "delta_threshold": threshold,
+        for threshold, gate in itertools.product(thresholds, gates):
+            searched = edits.p_malignant > (gate or 0.0)  # as HideAndSeek.edit: a gated slice is not edited
+            maps = np.stack([r.label_map(threshold) for r in results]) * searched[:, None, None]
+            row = {**overrides, "delta_threshold": threshold, "gate_probability": gate,
                    "f1": round(mean_lesion_f1(maps, lesions, (LYTIC, BLASTIC), min_px=min_lesion_px), 4)}
             if with_mimics:
                 row["mimic_fp"] = round(mimic_fp_rate(flagged_per_slice(maps, mimics)), 4)

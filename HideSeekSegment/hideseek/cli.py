@@ -57,6 +57,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="candidates stay this many slice pixels inside the body outline (default: the model's)")
     p.add_argument("--min-change", type=float,
                    help="candidates need |edit - recon| above this, in model intensity units (default: the model's)")
+    p.add_argument("--gate", type=float, metavar="P",
+                   help="search only slices the classifier scores above this P(malignant); 0 searches every slice "
+                   "(default: the model's)")
     p.add_argument("--ddim-steps", type=int, metavar="N",
                    help="DDIM steps for inversion and generation (default: the preset's, 20 fast / 250+100 "
                    "published); more is slower and closer to the published result, see BENCHMARKS.md")
@@ -68,7 +71,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _setting_overrides(args: argparse.Namespace) -> dict:
     """The method settings given on the command line (the rest come from the preset and the model)."""
     given = {"delta_threshold": args.delta_threshold, "body_margin_px": args.body_margin,
-             "min_change": args.min_change, "encode_steps": args.ddim_steps, "decode_steps": args.ddim_steps}
+             "min_change": args.min_change, "gate_probability": args.gate, "encode_steps": args.ddim_steps,
+             "decode_steps": args.ddim_steps}
     return {name: value for name, value in given.items() if value is not None}
 
 

@@ -236,7 +236,7 @@ def evaluate(
     occ = occlusion_maps(bundle, data.images, data.bodies)
     bodies, images = data.bodies, data.images
     frozen = {k: getattr(method.settings, k) for k in ("delta_threshold", "body_margin_px", "min_change",
-                                                       "candidate_quantile")}
+                                                       "candidate_quantile", "gate_probability")}
     outputs = [MethodOutput("hide-and-seek", hs, {"frozen from the model": frozen})]
     res_val = [results[i] for i in val]
     margin = method.settings.body_margin_px
@@ -248,7 +248,8 @@ def evaluate(
     )
     outputs.append(
         MethodOutput("difference map", difference_maps(results, bodies, tuned["min_change"], margin),
-                     {**tuned, "body margin px (the method's)": margin})
+                     {**tuned, "body margin px (the method's)": margin,
+                      "P(malignant) gate (the method's)": method.settings.gate_probability})
     )
     top = float(np.quantile(occ[bodies], 0.999)) if bodies.any() else 1.0
     tuned = _tune(

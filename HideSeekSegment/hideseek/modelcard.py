@@ -109,16 +109,28 @@ def _candidate_tuning(tuning: dict | None) -> list[str]:
         f"Chosen on the middle slice of {tuning['slices']} validation vertebrae (preset {tuning['preset']}): "
         f"candidates {chosen['body_margin_px']} px inside the body outline, |edit − recon| > "
         f"{chosen['min_change']:g}, above the {chosen['candidate_quantile']:g} quantile of their map, kept at "
-        f"Δ > {chosen['delta_threshold']:g}. Mean lesion F1 (IoU ≥ 0.1, lytic and blastic) {tuning['f1']:.2f}; "
+        f"Δ > {chosen['delta_threshold']:g}{_gate_clause(chosen.get('gate_probability'))}. "
+        f"Mean lesion F1 (IoU ≥ 0.1, lytic and blastic) {tuning['f1']:.2f}; "
         f"the published defaults (0 px, no floor, median, Δ > 0.5) scored {tuning['default_f1']:.2f} on the same "
         "slices." + (" Equal F1 goes to the fewest benign mimics flagged (mimic FP: share of mimic instances touched)."
                      if mimics else "") + " Best combinations:",
         "",
-        "| body margin px | min change | quantile | Δ threshold | mean F1 |" + (" mimic FP |" if mimics else ""),
-        "| --- | --- | --- | --- | --- |" + (" --- |" if mimics else ""),
+        "| body margin px | min change | quantile | Δ threshold | P gate | mean F1 |"
+        + (" mimic FP |" if mimics else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if mimics else ""),
         *[f"| {r['body_margin_px']} | {r['min_change']:g} | {r['candidate_quantile']:g} | {r['delta_threshold']:g} | "
-          f"{r['f1']:.3f} |" + (f" {r['mimic_fp']:.2f} |" if mimics else "") for r in tuning["best"]],
+          f"{_gate_cell(r.get('gate_probability'))} | {r['f1']:.3f} |" + (f" {r['mimic_fp']:.2f} |" if mimics else "")
+          for r in tuning["best"]],
     ]
+
+
+def _gate_clause(gate: float | None) -> str:
+    return "" if gate is None else f", in vertebrae the classifier scores above P(malignant) {gate:g} only"
+
+
+def _gate_cell(gate: float | None) -> str:
+    """Cards from before the gate was tuned have no such key: no gate."""
+    return "none" if gate is None else f"{gate:g}"
 
 
 def _measured(metrics: dict, step: int | str) -> list[str]:
