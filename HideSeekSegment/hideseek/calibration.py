@@ -130,20 +130,23 @@ def tune_candidates(
         raise ValueError("candidate tuning needs slices with true lesions")
     with_mimics = mimics is not None and bool((mimics > 0).any())
     edits = method.edit(images)
+    # As HideAndSeek.edit: a slice at or below the gate is not edited, so it has no candidates.
+    searched = {gate: (edits.p_malignant > (gate or 0.0))[:, None, None] for gate in gates}
     table = []
     for values in itertools.product(*grid.values()):
         overrides = dict(zip(grid, values, strict=True))
         seeker = HideAndSeek(method.dae, method.diffusion, method.classifier,
                              method.settings.with_overrides(**overrides))
         results = seeker.seek(edits, bodies)
-        for threshold, gate in itertools.product(thresholds, gates):
-            searched = edits.p_malignant > (gate or 0.0)  # as HideAndSeek.edit: a gated slice is not edited
-            maps = np.stack([r.label_map(threshold) for r in results]) * searched[:, None, None]
-            row = {**overrides, "delta_threshold": threshold, "gate_probability": gate,
-                   "f1": round(mean_lesion_f1(maps, lesions, (LYTIC, BLASTIC), min_px=min_lesion_px), 4)}
-            if with_mimics:
-                row["mimic_fp"] = round(mimic_fp_rate(flagged_per_slice(maps, mimics)), 4)
-            table.append(row)
+        for threshold in thresholds:
+            ungated = np.stack([r.label_map(threshold) for r in results])
+            for gate in gates:
+                maps = ungated * searched[gate]
+                row = {**overrides, "delta_threshold": threshold, "gate_probability": gate,
+                       "f1": round(mean_lesion_f1(maps, lesions, (LYTIC, BLASTIC), min_px=min_lesion_px), 4)}
+                if with_mimics:
+                    row["mimic_fp"] = round(mimic_fp_rate(flagged_per_slice(maps, mimics)), 4)
+                table.append(row)
     default = table[0]
     ranked = sorted(table, key=lambda r: selection_key(r["f1"], r.get("mimic_fp", np.nan)))  # stable: grid order
     best = ranked[0]
