@@ -99,12 +99,13 @@ def _bad_inputs(ts, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "impossible DDIM steps": (["--ddim-steps", "999"], "999 DDIM steps"),
         "Δ above 1": (["--delta-threshold", "1.5"], "delta_threshold must be in [0, 1]"),
         "gate of 1": (["--gate", "1"], "gate_probability must be in [0, 1)"),
+        "lesion size 0": (["--min-lesion-voxels", "0"], "min_lesion_voxels must be at least 1"),
     }
 
 
 BAD = ["mr-like", "2-D image", "NaN voxels", "other geometry", "no labels", "unknown labels", "absent level",
        "cut by the border", "truncated file", "missing file", "impossible DDIM steps", "Δ above 1",
-       "gate of 1"]
+       "gate of 1", "lesion size 0"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -101,6 +101,20 @@ def test_spineps_labels_with_subregions_in_3d_mode(spineps, toy_bundle):
     assert same_grid(result.lesions, sitk.ReadImage(str(ct_path)))
 
 
+def test_lesions_below_the_voxel_minimum_are_left_out(totalseg, toy_bundle, totalseg_run):
+    every = segment_ct(*totalseg, model=toy_bundle, min_lesion_voxels=1)
+    sizes = sorted(r["voxels"] for r in every.lesion_records)
+    cut = sizes[len(sizes) // 2] + 1  # drops about half of the toy model's lesions
+    some = segment_ct(*totalseg, model=toy_bundle, min_lesion_voxels=cut)
+    assert totalseg_run.run["min_lesion_voxels"] == 3 and some.run["min_lesion_voxels"] == cut
+    assert [r["voxels"] for r in some.lesion_records] == [r["voxels"] for r in every.lesion_records
+                                                          if r["voxels"] >= cut]
+    assert [r["id"] for r in some.lesion_records] == list(range(1, len(some.lesion_records) + 1))
+    kept, full = _lesions(some), _lesions(every)
+    assert 0 < (kept > 0).sum() < (full > 0).sum() and np.all(kept[kept > 0] == full[kept > 0])
+    assert int((kept > 0).sum()) == sum(r["voxels"] for r in some.lesion_records)
+
+
 def test_levels_asked_for_by_name_must_be_usable(spineps, toy_bundle):
     with pytest.raises(InputError, match=r"L2: .*border"):
         segment_ct(*spineps, levels="L2,L3", model=toy_bundle)

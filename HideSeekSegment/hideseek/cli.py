@@ -98,6 +98,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-non-hu", action="store_true",
                    help="accept a CT whose intensities are not Hounsfield units (e.g. already normalised)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--min-lesion-voxels", type=int, metavar="N",
+                   help="leave out lesions smaller than N CT voxels (default 3; 1 keeps every lesion)")
     p.add_argument("--dicom-seg", action="store_true",
                    help="also write lesions.dcm, a DICOM Segmentation referencing the input series (DICOM input only)")
     _add_run_options(p)
@@ -167,7 +169,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         result = segment_ct(
             ct, args.vertebrae, body_mask=args.body_mask, subregions=args.subregions, label_format=args.label_format,
             label_table=args.label_table, levels=args.levels, mode=args.mode, model=args.model, preset=args.preset,
-            overrides=overrides, device=args.device, progress=printer,
+            overrides=overrides, device=args.device, min_lesion_voxels=args.min_lesion_voxels, progress=printer,
         )
     finally:
         printer.close()

@@ -31,6 +31,9 @@ from .volume import MODES, VertebraSlices, extract_vertebra_slices, slices_to_vo
 DEFAULT_MODEL_NAME = "hideseek-phantom-demo"
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 """The repository's ``models/`` folder (the bundled demonstration model lives there)."""
+MIN_LESION_VOXELS = 3
+"""Smallest lesion written, in CT voxels. A slice component of the least size the method scores (5 model
+pixels) can land on one or two voxels of a coarse CT grid: a speck no reader would call a lesion."""
 
 PipelineProgress = Callable[[dict], None]
 """Receives {stage, vertebra, vertebrae, level, done, total, percent, eta_s} events."""
@@ -132,16 +135,21 @@ def segment_ct(
     overrides: dict | None = None,
     device: str = "auto",
     allow_non_hu: bool = False,
+    min_lesion_voxels: int | None = None,
     progress: PipelineProgress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
     """Find lytic and blastic metastases in the chosen vertebrae of a CT; inputs are never modified.
 
     Vertebrae cut by the image border or too small are skipped (with the reason in the report) when all levels
-    are processed, and are an error when they were asked for by name in ``levels``.
+    are processed, and are an error when they were asked for by name in ``levels``. Lesions that cover fewer
+    than ``min_lesion_voxels`` CT voxels (default ``MIN_LESION_VOXELS``) are dropped.
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}: use {' or '.join(MODES)}")
+    min_lesion_voxels = MIN_LESION_VOXELS if min_lesion_voxels is None else min_lesion_voxels
+    if min_lesion_voxels < 1:
+        raise InputError(f"min_lesion_voxels must be at least 1 (1 keeps every lesion), got {min_lesion_voxels}")
     started = time.monotonic()
     ct_path = str(ct) if not isinstance(ct, sitk.Image) else "<image>"
     ct_image = ct if isinstance(ct, sitk.Image) else read_ct(ct, require_hu=not allow_non_hu)
@@ -162,14 +170,15 @@ def segment_ct(
                                           strict=levels is not None)
         outcomes.append(outcome)
         if outcome.results:
-            records += _map_back(outcome, body, ct_image, lesion_volume, first_id=len(records) + 1)
+            records += _map_back(outcome, body, ct_image, lesion_volume, first_id=len(records) + 1,
+                                 min_voxels=min_lesion_voxels)
     lesions = sitk.GetImageFromArray(lesion_volume)
     lesions.CopyInformation(ct_image)
     run = {
         "hideseek_version": __version__,
         "model": {"name": bundle.manifest.get("name"), "version": bundle.manifest.get("version"),
                   "path": str(bundle.path), "weights_sha256": bundle.manifest["weights"]["sha256"]},
-        "preset": preset_name, "settings": settings.to_dict(), "mode": mode,
+        "preset": preset_name, "settings": settings.to_dict(), "mode": mode, "min_lesion_voxels": min_lesion_voxels,
         "input": {"ct": ct_path, "vertebrae": labels.source, "label_format": labels.label_format},
         "timing_s": {"total": round(time.monotonic() - started, 2)},
     }
@@ -208,12 +217,14 @@ def _to_our_layout(result: SliceResult, image: np.ndarray, flip: Callable[[np.nd
 
 
 def _map_back(
-    outcome: VertebraOutcome, body: sitk.Image, ct: sitk.Image, lesion_volume: np.ndarray, first_id: int
+    outcome: VertebraOutcome, body: sitk.Image, ct: sitk.Image, lesion_volume: np.ndarray, first_id: int,
+    min_voxels: int,
 ) -> list[dict]:
     """Write this vertebra's lesions into ``lesion_volume`` and describe each 3-D lesion.
 
     Nearest-neighbour mapping can put a boundary pixel on a CT voxel just outside the body; lesions are
-    kept inside the vertebral body, where the method looked for them.
+    kept inside the vertebral body, where the method looked for them. 3-D lesions smaller than ``min_voxels``
+    are left out of both the volume and the records.
     """
     kept = [(s, lesion) for s, r in enumerate(outcome.results) for lesion in r.lesions]
     if not kept:
@@ -227,7 +238,6 @@ def _map_back(
     kinds = np.array([0] + [lesion.kind for _, lesion in kept], np.uint8)
     deltas = np.array([np.nan] + [lesion.delta for _, lesion in kept])
     typed = kinds[index_volume]
-    np.copyto(lesion_volume, typed, where=typed > 0)
 
     spacing = np.array(ct.GetSpacing())
     records = []
@@ -236,6 +246,9 @@ def _map_back(
         parts, n = ndimage.label(typed == kind, structure=structure)
         for j in range(1, n + 1):
             zyx = np.argwhere(parts == j)
+            if len(zyx) < min_voxels:
+                typed[parts == j] = 0
+                continue
             ijk = zyx[:, ::-1].mean(axis=0)
             lps = np.array(ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in ijk)))
             records.append({
@@ -245,6 +258,7 @@ def _map_back(
                 "centroid_ras": [round(float(v), 2) for v in lps * np.array([-1, -1, 1])],
                 "centroid_ijk": [round(float(v), 2) for v in ijk],
             })
+    np.copyto(lesion_volume, typed, where=typed > 0)
     return records
 
 
