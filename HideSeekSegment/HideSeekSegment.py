@@ -101,6 +101,8 @@ class HideSeekSegmentParameterNode:
     modelSensitivity: bool = True
     deltaThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     ddimSteps: Annotated[int, WithinRange(0, 250)] = 0  # 0: the preset's own
+    minLesionVoxels: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the engine's default
+    searchEverySlice: bool = False
     device: Device = Device.AUTO
 
 
@@ -281,6 +283,8 @@ class HideSeekSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 deltaThreshold=None if p.modelSensitivity else p.deltaThreshold,
                 device=p.device.value,
                 ddimSteps=p.ddimSteps or None,
+                minLesionVoxels=p.minLesionVoxels or None,
+                searchEverySlice=p.searchEverySlice,
             )
             self.showRunning(True)
             self._timer.start()

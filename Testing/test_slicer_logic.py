@@ -526,7 +526,8 @@ def test_worker_command_is_what_the_cli_accepts(lib, phantom, tmp_path):
     logic = lib.logic.HideSeekLogic()
     exported = logic.exportInputs(phantom.ct, phantom.vertebrae, tmp_path)
     command = logic.segmentCommand(exported, tmp_path / "out", levels=["L1", "L2"], mode="3d", model="/m",
-                                   preset="published", deltaThreshold=0.35, device="cpu", ddimSteps=50)
+                                   preset="published", deltaThreshold=0.35, device="cpu", ddimSteps=50,
+                                   minLesionVoxels=7, searchEverySlice=True)
     assert command[:3] == [sys.executable, "-m", "hideseek"]
     args = build_parser().parse_args(command[3:])
     assert (args.ct, args.vertebrae, args.label_table) == tuple(map(str, (exported.ct, exported.vertebrae,
@@ -535,11 +536,12 @@ def test_worker_command_is_what_the_cli_accepts(lib, phantom, tmp_path):
         "plain", "L1,L2", "3d", "/m", "published")
     assert (args.delta_threshold, args.device, args.progress, args.out) == (0.35, "cpu", "json",
                                                                             str(tmp_path / "out"))
-    assert args.ddim_steps == 50
-    assert "--ddim-steps" not in logic.segmentCommand(exported, tmp_path / "out")  # the preset's own
+    assert (args.ddim_steps, args.min_lesion_voxels, args.gate) == (50, 7, 0.0)
+    defaults = logic.segmentCommand(exported, tmp_path / "out")  # the preset's, the engine's and the model's own
+    assert not {"--ddim-steps", "--min-lesion-voxels", "--gate"} & set(defaults)
     assert "0.0" in logic.segmentCommand(exported, tmp_path / "out", deltaThreshold=0.0)  # every tunable value
     for bad in ({"mode": "2d"}, {"deltaThreshold": 1.5}, {"levels": []}, {"preset": "slow"}, {"device": "tpu"},
-                {"ddimSteps": 0}, {"ddimSteps": 251}):
+                {"ddimSteps": 0}, {"ddimSteps": 251}, {"minLesionVoxels": 0}):
         with pytest.raises(InputError, match="invalid setting"):
             logic.segmentCommand(exported, tmp_path / "out", **bad)
 
@@ -636,7 +638,8 @@ def test_install_uses_pip_ensure_and_never_touches_slicers_own_packages(lib, mon
 def test_logic_process_signature(lib):
     params = list(inspect.signature(lib.logic.HideSeekLogic.process).parameters)
     assert params == ["self", "ctVolume", "vertebrae", "outputSegmentation", "levels", "mode", "model", "preset",
-                      "deltaThreshold", "device", "ddimSteps", "progress", "cancel"]
+                      "deltaThreshold", "device", "ddimSteps", "minLesionVoxels", "searchEverySlice", "progress",
+                      "cancel"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -760,7 +763,7 @@ def test_module_file_runs_with_the_application_parts_stubbed(lib, slicer_core, m
 
     assert list(module.HideSeekSegmentParameterNode.__annotations__) == [
         "inputVolume", "vertebrae", "outputSegmentation", "mode", "preset", "modelSensitivity", "deltaThreshold",
-        "ddimSteps", "device"]
+        "ddimSteps", "minLesionVoxels", "searchEverySlice", "device"]
     assert [m.value for m in module.Mode] == list(lib.logic.MODES)
     assert [m.value for m in module.Preset] == list(lib.logic.PRESETS)
     assert [m.value for m in module.Device] == list(lib.logic.DEVICES)
@@ -774,11 +777,14 @@ def test_module_file_runs_with_the_application_parts_stubbed(lib, slicer_core, m
 def test_logic_settings_match_the_engine(lib, ui):
     from hideseek.attribution import PRESETS
     from hideseek.calibration import DELTA_THRESHOLDS
+    from hideseek.pipeline import MIN_LESION_VOXELS
     from hideseek.volume import MODES
 
     assert lib.logic.MODES == MODES
     spin_box_max = _property(ui[1]["ddimStepsSpinBox"], "maximum").findtext("number")
     assert int(spin_box_max) == lib.logic.MAX_DDIM_STEPS == PRESETS["published"].encode_steps
+    default_size = _property(ui[1]["minLesionVoxelsSpinBox"], "specialValueText").findtext("string")
+    assert default_size == f"Default ({MIN_LESION_VOXELS} voxels)"
     # The Δ slider follows the model's tuned threshold, so it must reach every threshold the tuner may choose.
     slider = ui[1]["deltaThresholdSliderWidget"]
     low, high = (float(_property(slider, k).findtext("double")) for k in ("minimum", "maximum"))

@@ -95,10 +95,14 @@ class HideSeekLogic:
         deltaThreshold: float | None = None,
         device: str = "auto",
         ddimSteps: int | None = None,
+        minLesionVoxels: int | None = None,
+        searchEverySlice: bool = False,
     ) -> list[str]:
         """The worker's command line (``hideseek segment``, see docs/output-contract.md); checks the settings.
 
-        ``ddimSteps`` sets the DDIM steps of the inversion and the edit (None: the preset's own)."""
+        ``ddimSteps`` sets the DDIM steps of the inversion and the edit (None: the preset's own);
+        ``minLesionVoxels`` the smallest lesion kept (None: the engine's default); ``searchEverySlice`` turns the
+        model's healthy gate off (``--gate 0``)."""
         _check(mode in MODES, f"mode {mode!r}: use {' or '.join(MODES)}")
         _check(preset is None or preset in PRESETS, f"preset {preset!r}: use {' or '.join(PRESETS)}")
         _check(device in DEVICES or device.startswith("cuda:"), f"device {device!r}: use {', '.join(DEVICES)}")
@@ -106,6 +110,8 @@ class HideSeekLogic:
         _check(levels is None or len(levels) > 0, "no vertebra chosen: tick at least one level")
         _check(ddimSteps is None or 1 <= ddimSteps <= MAX_DDIM_STEPS,
                f"DDIM steps {ddimSteps}: use 1..{MAX_DDIM_STEPS}, or none for the preset's own")
+        _check(minLesionVoxels is None or minLesionVoxels >= 1,
+               f"smallest lesion {minLesionVoxels} voxels: use 1 or more, or none for the default")
         command = [
             *self.pythonCommand, "-m", "hideseek", "segment",
             "--ct", str(exported.ct),
@@ -127,6 +133,10 @@ class HideSeekLogic:
             command += ["--delta-threshold", repr(float(deltaThreshold))]
         if ddimSteps is not None:
             command += ["--ddim-steps", str(int(ddimSteps))]
+        if minLesionVoxels is not None:
+            command += ["--min-lesion-voxels", str(int(minLesionVoxels))]
+        if searchEverySlice:
+            command += ["--gate", "0"]
         return command
 
     def startRun(
@@ -140,6 +150,8 @@ class HideSeekLogic:
         deltaThreshold: float | None = None,
         device: str = "auto",
         ddimSteps: int | None = None,
+        minLesionVoxels: int | None = None,
+        searchEverySlice: bool = False,
         onEvent: Progress | None = None,
     ) -> Run:
         """Export the inputs and start the worker; returns at once. Follow it with ``run.runner.poll()``."""
@@ -148,7 +160,7 @@ class HideSeekLogic:
             exported = self.exportInputs(ctVolume, vertebrae, workDir / "inputs")
             outDir = workDir / "out"
             command = self.segmentCommand(exported, outDir, levels, mode, model, preset, deltaThreshold, device,
-                                          ddimSteps)
+                                          ddimSteps, minLesionVoxels, searchEverySlice)
             runner = ProcessRunner(command, env=self._workerEnvironment(), cwd=workDir, onEvent=onEvent)
             runner.start()
         except BaseException:
@@ -185,6 +197,8 @@ class HideSeekLogic:
         deltaThreshold: float | None = None,
         device: str = "auto",
         ddimSteps: int | None = None,
+        minLesionVoxels: int | None = None,
+        searchEverySlice: bool = False,
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> results.ImportedResult:
@@ -193,7 +207,8 @@ class HideSeekLogic:
         ``progress`` receives each progress event (dict, see docs/output-contract.md) on the calling thread;
         ``cancel`` is asked between events and stops the run (raising ``Cancelled``) when it returns True.
         """
-        run = self.startRun(ctVolume, vertebrae, levels, mode, model, preset, deltaThreshold, device, ddimSteps)
+        run = self.startRun(ctVolume, vertebrae, levels, mode, model, preset, deltaThreshold, device, ddimSteps,
+                            minLesionVoxels, searchEverySlice)
         try:
             self._follow(run, progress, cancel)
         except BaseException:

@@ -55,7 +55,8 @@ class ModelCard:
             lines.append(self.summary)
         if self.limitations:
             lines.append(f"Limitations: {self.limitations}")
-        lines += [f"Preset {preset}: only slices scored above P(malignant) {gate:g} are searched for lesions."
+        lines += [f"Preset {preset}: only slices scored above P(malignant) {gate:g} are searched for lesions"
+                  " (tick 'Search vertebrae the model scores as healthy' to search all)."
                   for preset, gate in sorted(self.gates.items())]
         lines.append(f"Folder: {self.path}")
         return "\n".join(lines)
