@@ -125,7 +125,7 @@ def _candidate_tuning(tuning: dict | None) -> list[str]:
 
 
 def _gate_clause(gate: float | None) -> str:
-    return "" if gate is None else f", in vertebrae the classifier scores above P(malignant) {gate:g} only"
+    return "" if gate is None else f", in slices the classifier scores above P(malignant) {gate:g} only"
 
 
 def _gate_cell(gate: float | None) -> str:
