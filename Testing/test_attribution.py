@@ -23,7 +23,7 @@ from hideseek.attribution import (
     settings_for,
     split_components,
 )
-from hideseek.calibration import tune_candidates
+from hideseek.calibration import shortlist, tune_candidates
 from hideseek.classifier import LatentClassifier
 from hideseek.errors import Cancelled
 from hideseek.metrics import mean_lesion_f1
@@ -285,3 +285,14 @@ def test_tuned_gate_scores_what_a_gated_run_finds(tiny, classifier, slices):
     with pytest.raises(ValueError, match="gate"):
         tune_candidates(HideAndSeek(tiny, DiffusionConfig(), classifier, FAST.with_overrides(gate_probability=0.5)),
                         img, body, truth, mimics, grid=grid)
+
+
+def test_the_shortlist_ranks_edits_by_change_inside_over_outside_lesions():
+    """v14490's table: the old rule fell back to C 0.01 × 1 (least leaky); the most lesion-specific edits lead."""
+    table = [{"C": C, "step_scale": k, "inside": i, "outside": o} for C, k, i, o in [
+        (0.01, 1, 0.0522, 0.0288), (0.01, 3, 0.0722, 0.0583), (0.01, 10, 0.2450, 0.2622),
+        (0.001, 1, 0.1175, 0.0770), (0.001, 3, 0.1129, 0.0817), (0.001, 30, 0.7592, 0.8436)]]
+    assert shortlist(table) == [(0.001, 1), (0.001, 3), (0.01, 1)]
+    assert shortlist(table, size=1) == [(0.001, 1)]
+    tied = [{"C": 1.0, "step_scale": k, "inside": 0.2, "outside": 0.1} for k in (1, 3)]
+    assert shortlist(tied) == [(1.0, 1), (1.0, 3)]  # table order breaks ties

@@ -177,6 +177,10 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert tuning["f1"] == tuning["best"][0]["f1"] >= tuning["default_f1"]
     assert all(0 <= r["mimic_fp"] <= 1 for r in tuning["best"])
     assert bundle.manifest["classifier"]["fit"]["C"] == chosen["C"]
+    # Candidate tuning chose the edit among the calibration's shortlist by its best F1.
+    tried = calibration["shortlist"]
+    assert len(tried) == 3 and {"C": chosen["C"], "step_scale": chosen["step_scale"], "f1": tuning["f1"]} in tried
+    assert tuning["f1"] == max(r["f1"] for r in tried)
     # Resuming continues the same run and keeps its curve.
     out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
                         device=torch.device("cpu"), classifier_C=0.01, eval_every=20, overwrite=True)
@@ -185,6 +189,7 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert "| 60 |" in card_md and (out2 / "learning_curve.png").stat().st_size > 0
     assert "| lytic | blastic |" in card_md and "| – |" in card_md
     assert "| P gate | mean F1 | mimic FP |" in card_md
+    assert "by the best lesion F1 of candidate tuning" in card_md
     assert "gate_probability" in tuning["chosen"]
 
 

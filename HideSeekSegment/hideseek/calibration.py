@@ -4,8 +4,10 @@ A weakly trained decoder responds little to z, and the classifier's normal decid
 moves along (a strong L2 penalty spreads it over directions the decoder uses; see
 ``../shared/notes/cpu-dae-prototype.md``). So the healthy edit is calibrated, not guessed: for each
 (C, step scale) the edit of validation slices is measured — efficacy inside true lesions, change outside them,
-P(malignant) of the re-encoded edit — and the most effective setting whose outside change stays below a
-bound is kept. One DDIM inversion per slice serves every setting.
+P(malignant) of the re-encoded edit — and the settings whose change inside lesions exceeds the change outside
+by the most are shortlisted; candidate tuning then keeps the one with the best lesion F1. (The earlier rule,
+"most effective with outside change ≤ half the inside", fell back to the weakest edit whenever no setting met
+the bound, as for v14490.) One DDIM inversion per slice serves every setting.
 
 An imperfect edit also changes normal bone (the cortical shell above all), so which changes become candidates
 matters as much: ``tune_candidates`` picks the body margin, the absolute change floor, the quantile, the Δ
@@ -28,8 +30,8 @@ from .metrics import edit_efficacy, flagged_per_slice, mean_lesion_f1, mimic_fp_
 from .network import DiffusionAutoencoder
 from .sampler import DDIMSampler, DiffusionConfig
 
-MAX_OUTSIDE_RATIO = 0.5
-"""A setting qualifies when the change outside lesions is at most this fraction of the change inside them."""
+SHORTLIST = 3
+"""Edit settings handed to candidate tuning: each costs one tuning (an edit of the tuning slices and the grid)."""
 
 CANDIDATE_GRID: dict[str, tuple] = {
     "body_margin_px": (0, 2, 3, 4, 6),
@@ -54,8 +56,7 @@ simply left unsearched, so the gates are scored on the ungated run without anoth
 
 @dataclass(frozen=True)
 class Calibration:
-    C: float
-    step_scale: float
+    shortlist: list[tuple[float, float]]  # (C, step scale), the most lesion-specific edit first
     table: list[dict]  # every setting tried, with its measurements
 
 
@@ -73,7 +74,7 @@ def calibrate_edit(
     steps: int = 20,
     max_slices: int = 32,
 ) -> Calibration:
-    """Measure every (C, scale) on up to ``max_slices`` slices with lesions and pick one (see module doc)."""
+    """Measure every (C, scale) on up to ``max_slices`` slices with lesions and shortlist them (see module doc)."""
     has = np.flatnonzero((lesions > 0).any(axis=(1, 2)))[:max_slices]
     if has.size == 0:
         raise ValueError("calibration needs validation slices with true lesions")
@@ -92,9 +93,14 @@ def calibrate_edit(
             row = edit_efficacy(images[has], recon, edit, lesions[has], bodies[has], LESION_TYPES)
             row["p_reencoded_edit"] = float(clf.probability(model.encode(edit_t)).mean())
             table.append({"C": C, "step_scale": scale, **{k: round(float(v), 5) for k, v in row.items()}})
-    ok = [r for r in table if np.isfinite(r["efficacy"]) and r["outside_ratio"] <= MAX_OUTSIDE_RATIO]
-    best = max(ok, key=lambda r: r["efficacy"]) if ok else min(table, key=lambda r: r["outside_ratio"])
-    return Calibration(best["C"], best["step_scale"], table)
+    return Calibration(shortlist(table), table)
+
+
+def shortlist(table: list[dict], size: int = SHORTLIST) -> list[tuple[float, float]]:
+    """The ``size`` settings of a calibration table whose mean change inside lesions exceeds the change outside
+    them by the most: an edit that changes lesion and normal bone alike only makes false candidates."""
+    ranked = sorted(table, key=lambda r: r["outside"] - r["inside"])  # stable: table order breaks ties
+    return [(r["C"], r["step_scale"]) for r in ranked[:size]]
 
 
 @dataclass(frozen=True)

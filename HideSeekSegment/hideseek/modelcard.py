@@ -75,8 +75,8 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             "",
             "## Edit calibration (validation lesions)",
             "",
-            f"Chosen: classifier C = {chosen['C']:g}, edit step × {chosen['step_scale']:g} (the most effective "
-            "setting whose change outside lesions stays at most half the change inside; see calibration.py).",
+            f"Chosen: classifier C = {chosen['C']:g}, edit step × {chosen['step_scale']:g}"
+            f"{_shortlist_clause(calibration.get('shortlist'))} (see calibration.py).",
             "",
             "| C | step × | efficacy | lytic | blastic | inside | outside | outside ratio | P(edit) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -88,6 +88,17 @@ def write_model_card(folder: Path, manifest: dict) -> None:
         ]
     lines += _candidate_tuning(card.get("metrics", {}).get("candidate_tuning"))
     (folder / CARD_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _shortlist_clause(shortlist: list[dict] | None) -> str:
+    """Cards from before the shortlist say only what was chosen."""
+    if not shortlist:
+        return ""
+    tried = "; ".join(f"C = {r['C']:g} × {r['step_scale']:g}" + (f" (F1 {r['f1']:.3f})" if "f1" in r else "")
+                      for r in shortlist)
+    how = ", by the best lesion F1 of candidate tuning" if all("f1" in r for r in shortlist) else ""
+    return (f", from the {len(shortlist)} settings whose change inside lesions exceeds the change outside by the "
+            f"most ({tried}){how}")
 
 
 def _per_type(row: dict) -> str:

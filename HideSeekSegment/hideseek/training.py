@@ -35,7 +35,7 @@ from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
 from .errors import BundleError, InputError
-from .metrics import edit_efficacy
+from .metrics import edit_efficacy, selection_key
 from .modelcard import write_model_card
 from .network import DAEConfig, DiffusionAutoencoder
 from .preprocessing import Preprocessing
@@ -521,22 +521,30 @@ def train_bundle(
         stronger = fit_info["C"] / 10
         fits = {fit_info["C"]: (classifier, fit_info),
                 stronger: fit_classifier(trainer.ema, train, C=stronger, seed=cfg.seed, z=z_train)}
-        cal = calibrate_edit(trainer.ema, diffusion, {C: f[0] for C, f in fits.items()}, val.images, val.lesions,
-                             val.bodies)
-        classifier, fit_info = fits[cal.C]
-        metrics["edit_calibration"] = {"chosen": {"C": cal.C, "step_scale": cal.step_scale}, "table": cal.table}
-        chosen = {"edit_step_scale": cal.step_scale}
+        classifiers = {C: f[0] for C, f in fits.items()}
+        cal = calibrate_edit(trainer.ema, diffusion, classifiers, val.images, val.lesions, val.bodies)
+        C, scale = cal.shortlist[0]
+        chosen = {"edit_step_scale": scale}
+        calibration = {"table": cal.table, "shortlist": [{"C": c, "step_scale": k} for c, k in cal.shortlist]}
         mid = val.subset(val.middle_slices())
         if (mid.lesions > 0).any():
-            tuned = settings_for("fast", **chosen)
-            tuning = tune_candidates(HideAndSeek(trainer.ema, diffusion, classifier, tuned), mid.images, mid.bodies,
-                                     mid.lesions, mid.mimics)
-            chosen |= tuning.settings
+            # Each shortlisted edit gets its own candidate tuning; the best F1 (then fewest mimics) wins, ties
+            # going to the earlier, more lesion-specific edit.
+            tunings = {(c, k): tune_candidates(HideAndSeek(trainer.ema, diffusion, classifiers[c],
+                                                           settings_for("fast", edit_step_scale=k)),
+                                               mid.images, mid.bodies, mid.lesions, mid.mimics)
+                       for c, k in cal.shortlist}
+            calibration["shortlist"] = [{"C": c, "step_scale": k, "f1": t.f1} for (c, k), t in tunings.items()]
+            (C, scale), tuning = min(tunings.items(),
+                                     key=lambda kv: selection_key(kv[1].f1, kv[1].table[0].get("mimic_fp", np.nan)))
+            chosen = {"edit_step_scale": scale} | tuning.settings
             metrics["candidate_tuning"] = {"chosen": tuning.settings, "f1": tuning.f1, "slices": tuning.slices,
                                            "default_f1": tuning.default_f1, "preset": "fast",
                                            "best": tuning.table[:10]}
         else:
             metrics["candidate_tuning"] = {"skipped": "no lesion in the middle slices of the validation vertebrae"}
+        classifier, fit_info = fits[C]
+        metrics["edit_calibration"] = {"chosen": {"C": C, "step_scale": scale}} | calibration
         method["presets"] = {preset: chosen for preset in ("fast", "published")}
     card = {
         "summary": f"Diffusion autoencoder + latent classifier trained with hideseek {__version__}.",
