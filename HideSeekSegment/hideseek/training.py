@@ -255,6 +255,8 @@ class Trainer:
         self._bank_time(start)
         if state_dir is not None:
             self.save_state(state_dir)
+            if on_checkpoint is not None and self.step % self.cfg.checkpoint_every:
+                on_checkpoint(self)  # a last step between checkpoints still gets its learning-curve point
 
     def _bank_time(self, start: float) -> None:
         self.elapsed_s += time.monotonic() - start
