@@ -12,6 +12,7 @@ from hideseek.metrics import (
     dice,
     edit_efficacy,
     flagged_mimics,
+    json_measurements,
     match_lesions,
     pooled_dice,
     selection_key,
@@ -108,3 +109,16 @@ def test_settings_are_chosen_by_f1_then_by_the_fewest_mimics_flagged():
     assert ranked == ["best, few mimics", "best, many mimics", "no mimic truth", "worse f1"]
     assert selection_key(0.31, float("nan")) == (-0.31, 0.0)
 
+
+
+def test_measurements_for_the_card_leave_out_what_is_undefined():
+    """An edit that changes nothing inside lesions has no outside ratio: JSON (and the bundle) cannot hold NaN."""
+    import json
+
+    lesions = _square((8, 8), 2, 2, 3)[None]
+    image, same = lesions.astype(float), np.zeros((1, 8, 8))
+    row = edit_efficacy(image, same, same, lesions, np.ones((1, 8, 8), np.uint8))
+    assert np.isnan(row["outside_ratio"])
+    clean = json_measurements(row | {"slices": 1, "p": np.float32(0.1234567)})
+    assert "outside_ratio" not in clean and clean["inside"] == 0.0 and clean["slices"] == 1 and clean["p"] == 0.12346
+    json.dumps(clean, allow_nan=False)

@@ -26,7 +26,14 @@ import torch
 
 from .attribution import BLASTIC, LESION_TYPES, LYTIC, HideAndSeek
 from .classifier import LatentClassifier
-from .metrics import edit_efficacy, flagged_per_slice, mean_lesion_f1, mimic_fp_rate, selection_key
+from .metrics import (
+    edit_efficacy,
+    flagged_per_slice,
+    json_measurements,
+    mean_lesion_f1,
+    mimic_fp_rate,
+    selection_key,
+)
 from .network import DiffusionAutoencoder
 from .sampler import DDIMSampler, DiffusionConfig
 
@@ -92,14 +99,17 @@ def calibrate_edit(
             edit = edit_t[:, 0].cpu().numpy()
             row = edit_efficacy(images[has], recon, edit, lesions[has], bodies[has], LESION_TYPES)
             row["p_reencoded_edit"] = float(clf.probability(model.encode(edit_t)).mean())
-            table.append({"C": C, "step_scale": scale, **{k: round(float(v), 5) for k, v in row.items()}})
+            table.append({"C": C, "step_scale": scale, **json_measurements(row)})
     return Calibration(shortlist(table), table)
 
 
 def shortlist(table: list[dict], size: int = SHORTLIST) -> list[tuple[float, float]]:
     """The ``size`` settings of a calibration table whose mean change inside lesions exceeds the change outside
     them by the most: an edit that changes lesion and normal bone alike only makes false candidates."""
-    ranked = sorted(table, key=lambda r: r["outside"] - r["inside"])  # stable: table order breaks ties
+    def margin(row: dict) -> float:  # an undefined change (not in the row) ranks last
+        return row["outside"] - row["inside"] if "inside" in row and "outside" in row else np.inf
+
+    ranked = sorted(table, key=margin)  # stable: table order breaks ties
     return [(r["C"], r["step_scale"]) for r in ranked[:size]]
 
 

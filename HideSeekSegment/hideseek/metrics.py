@@ -106,6 +106,19 @@ def mimic_fp_rate(flagged: np.ndarray) -> float:
     return float(flagged[:, 0].sum() / total) if total else float("nan")
 
 
+def json_measurements(values: Mapping[str, object], digits: int = 5) -> dict:
+    """Measurements ready for a model card: floats rounded, undefined ones (NaN: e.g. the outside ratio of an edit
+    that changed nothing inside lesions) left out, since JSON has no NaN and the card reads a gap as unknown."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, float | np.floating):
+            if not np.isfinite(value):
+                continue
+            value = round(float(value), digits)
+        out[key] = value
+    return out
+
+
 def selection_key(f1: float, mimic_fp: float) -> tuple[float, float]:
     """Order in which tuned settings are chosen (smallest first): the best mean lesion F1 to 4 decimals, then the
     fewest mimics flagged (NaN, no mimic truth, counts as none). The model's tuning and the baselines' share it."""

@@ -82,8 +82,9 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['C']:g} | {r['step_scale']:g} | {r['efficacy']:.3f} | {_per_type(r)} | {r['inside']:.4f} | "
-            f"{r['outside']:.4f} | {r['outside_ratio']:.2f} | {r['p_reencoded_edit']:.3f} |"
+            f"| {r['C']:g} | {r['step_scale']:g} | {_value(r, 'efficacy', '.3f')} | {_per_type(r)} | "
+            f"{_value(r, 'inside', '.4f')} | {_value(r, 'outside', '.4f')} | {_value(r, 'outside_ratio', '.2f')} | "
+            f"{_value(r, 'p_reencoded_edit', '.3f')} |"
             for r in calibration["table"]
         ]
     lines += _candidate_tuning(card.get("metrics", {}).get("candidate_tuning"))
@@ -99,6 +100,11 @@ def _shortlist_clause(shortlist: list[dict] | None) -> str:
     how = ", by the best lesion F1 of candidate tuning" if all("f1" in r for r in shortlist) else ""
     return (f", from the {len(shortlist)} settings whose change inside lesions exceeds the change outside by the "
             f"most ({tried}){how}")
+
+
+def _value(row: dict, key: str, spec: str) -> str:
+    """A measurement, or – where it was undefined (``json_measurements`` leaves those out)."""
+    return format(row[key], spec) if key in row else "–"
 
 
 def _per_type(row: dict) -> str:
@@ -159,11 +165,12 @@ def _measured(metrics: dict, step: int | str) -> list[str]:
                          if f"efficacy {kind}" in row)
     return [
         f"**Measured (validation, step {step}).** With the calibrated edit (C = {chosen['C']:g}, step "
-        f"× {chosen['step_scale']:g}): edit efficacy {row['efficacy']:.2f}{f' ({per_type})' if per_type else ''} "
+        f"× {chosen['step_scale']:g}): edit efficacy {_value(row, 'efficacy', '.2f')}"
+        f"{f' ({per_type})' if per_type else ''} "
         f"(target ≥ 0.7), change outside lesions "
-        f"{row['outside_ratio']:.2f} of the change inside (target ≤ 0.1), P(malignant) of the re-encoded edit "
-        f"{row['p_reencoded_edit']:.2f}; latent classifier AUC {curve[-1].get('val_auc', float('nan')):.2f} "
-        f"(step {curve[-1]['step']}).",
+        f"{_value(row, 'outside_ratio', '.2f')} of the change inside (target ≤ 0.1), P(malignant) of the re-encoded "
+        f"edit {_value(row, 'p_reencoded_edit', '.2f')}; latent classifier AUC "
+        f"{_value(curve[-1], 'val_auc', '.2f')} (step {curve[-1]['step']}).",
         "",
     ]
 

@@ -35,7 +35,7 @@ from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
 from .errors import BundleError, InputError
-from .metrics import edit_efficacy, selection_key
+from .metrics import edit_efficacy, json_measurements, selection_key
 from .modelcard import write_model_card
 from .network import DAEConfig, DiffusionAutoencoder
 from .preprocessing import Preprocessing
@@ -442,7 +442,7 @@ def measure_edit(
     z_edit = encode_latents(model, edit.astype(np.float32))
     out["p_reencoded_edit"] = float(classifier.probability(z_edit).mean())
     out["slices"] = int(has.size)
-    return {k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}
+    return json_measurements(out)
 
 
 def fit_classifier(model: DiffusionAutoencoder, data: SliceSet, *, C: float | None, seed: int,
