@@ -98,6 +98,13 @@ def test_manifest_reads_without_weights_and_records_the_checksum(saved):
     assert set(manifest["card"]) == set(CARD)
 
 
+def test_identical_weights_give_identical_files(parts, saved, tmp_path):
+    """Re-exporting the same model must not change the weights' checksum (or add a blob to git)."""
+    hashes = {read_bundle_manifest(_save(parts, tmp_path / f"again{i}", fit_info={"C": 0.01}))["weights"]["sha256"]
+              for i in range(6)}
+    assert hashes == {read_bundle_manifest(saved)["weights"]["sha256"]}
+
+
 def test_card_is_completed_and_checked(parts, tmp_path):
     out = _save(parts, tmp_path / "b", card={"summary": "only a summary"})
     card = read_bundle_manifest(out)["card"]

@@ -90,6 +90,8 @@ def test_cli_writes_scores_table_and_figure(small_phantoms, toy_bundle, tmp_path
     assert "| hide-and-seek | lytic |" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics["methods"]) == {"hide-and-seek", "difference map", "occlusion", "HU threshold"}
+    sha256 = json.loads((toy_bundle / "model.json").read_text(encoding="utf-8"))["weights"]["sha256"]
+    assert metrics["model"]["weights_sha256"] == sha256  # names the weights even after the folder moves
     assert metrics["slices"]["validation"] + metrics["slices"]["test"] == 6
     assert "min_change" in metrics["methods"]["difference map"]["tuned"]
     assert (out / "examples.png").stat().st_size > 0 and (out / "table.md").is_file()

@@ -87,6 +87,11 @@ class ModelBundle:
     def version(self) -> str:
         return self.manifest["version"]
 
+    def identity(self) -> dict:
+        """What a report records of the model: the checksum names the weights wherever the folder was."""
+        return {"name": self.name, "version": self.version, "path": str(self.path),
+                "weights_sha256": self.manifest["weights"]["sha256"]}
+
 
 @dataclass(frozen=True)
 class _Sections:
@@ -232,7 +237,9 @@ def save_bundle(
 
     def write(folder: Path) -> None:
         tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "name": name, "version": version})
+        # one metadata key only: safetensors writes several in a random order, so identical weights would
+        # get another sha256 (and a new git blob) at every export; name and version are in model.json
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         manifest["weights"]["sha256"] = file_sha256(folder / WEIGHTS_NAME)
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
         read_bundle_manifest(folder)  # what we wrote must read back

@@ -379,7 +379,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     method = HideAndSeek(bundle.dae, bundle.diffusion, bundle.classifier, settings)
     result = evaluate(bundle, data, method, val_fraction=args.val_fraction, seed=args.seed, reps=args.bootstrap,
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = {"model": {"name": bundle.name, "version": bundle.version, "path": str(bundle.path)},
+    report = {"model": bundle.identity(),
               "preset": preset, "settings": settings.to_dict(), "manifest": str(args.manifest),
               "command": args.command_line, **result.report}
     table = markdown_table(result.report)

@@ -176,8 +176,7 @@ def segment_ct(
     lesions.CopyInformation(ct_image)
     run = {
         "hideseek_version": __version__,
-        "model": {"name": bundle.manifest.get("name"), "version": bundle.manifest.get("version"),
-                  "path": str(bundle.path), "weights_sha256": bundle.manifest["weights"]["sha256"]},
+        "model": bundle.identity(),
         "preset": preset_name, "settings": settings.to_dict(), "mode": mode, "min_lesion_voxels": min_lesion_voxels,
         "input": {"ct": ct_path, "vertebrae": labels.source, "label_format": labels.label_format},
         "timing_s": {"total": round(time.monotonic() - started, 2)},
