@@ -227,6 +227,41 @@ def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_re
             in card_md)  # the toy lesions are all blastic
 
 
+def test_snapshots_keep_every_curve_point_and_one_exports_without_touching_the_state(tmp_path):
+    """The best learning-curve point is not always the last: it can be exported after the run."""
+    from safetensors.torch import load_file
+
+    from hideseek.bundle import load_bundle
+    from hideseek.errors import InputError
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import snapshot_path, train_bundle
+
+    prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    state = tmp_path / "state"
+    last = train_bundle(_toy_slice_set(), tmp_path / "last", state, _cfg(steps=20, checkpoint_every=10), prep,
+                        device=torch.device("cpu"), classifier_C=0.01, eval_every=10, keep_snapshots=True)
+    assert snapshot_path(state, 10).is_file() and snapshot_path(state, 20).is_file()
+    for name, tensor in load_bundle(last).dae.state_dict().items():
+        assert torch.equal(tensor, load_file(str(snapshot_path(state, 20)))[name])
+    state_before = {f.name: f.read_bytes() for f in state.iterdir() if f.is_file()}
+
+    out = train_bundle(_toy_slice_set(), tmp_path / "best", state, _cfg(steps=20, checkpoint_every=10), prep,
+                       device=torch.device("cpu"), classifier_C=0.01, eval_every=10, from_snapshot=10)
+    bundle = load_bundle(out)
+    assert bundle.version == "10" and bundle.card["training"]["steps"] == 10
+    assert [p["step"] for p in bundle.card["metrics"]["learning_curve"]] == [10]
+    snapshot = load_file(str(snapshot_path(state, 10)))
+    for name, tensor in bundle.dae.state_dict().items():
+        assert torch.equal(tensor, snapshot[name]), name
+    assert "validation, step 10" in (out / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert {f.name: f.read_bytes() for f in state.iterdir() if f.is_file()} == state_before
+
+    with pytest.raises(InputError, match=r"no EMA snapshot of step 15 .*kept: 10, 20"):
+        train_bundle(_toy_slice_set(), tmp_path / "none", state, _cfg(steps=20, checkpoint_every=10), prep,
+                     device=torch.device("cpu"), from_snapshot=15)
+    assert not (tmp_path / "none").exists()
+
+
 def test_split_keeps_vertebrae_whole():
     from hideseek.training import split_by_vertebra
 
@@ -275,6 +310,11 @@ def test_train_command_resumes_and_its_card_names_every_command(tmp_path, monkey
     assert main([*train, "--steps", "6", "--overwrite"]) == 2
     assert "'data_commands' must be a list" in capsys.readouterr().err
     assert (out / "model.json").read_bytes() == before and json.loads((state / "state.json").read_text())["step"] == 4
+    card.unlink()
+    train.remove("--card")
+    train.remove(str(card))
+    assert main([*train, "--steps", "4", "--export-snapshot", "4", "--out", str(tmp_path / "best")]) == 2
+    assert "no EMA snapshot of step 4" in capsys.readouterr().err and not (tmp_path / "best").exists()
 
 
 def test_data_without_both_classes_is_refused_before_training(tmp_path):

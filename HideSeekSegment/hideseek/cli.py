@@ -227,6 +227,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="weight of a logistic loss on z against the vertebra labels, so that z must carry what makes "
                    "a vertebra malignant (default 0: the published, label-free DAE objective)")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between learning-curve points")
+    p.add_argument("--keep-snapshots", action="store_true",
+                   help="also keep the EMA weights of every learning-curve point in STATE/snapshots/ (one weights "
+                   "file each, not needed to resume), so the best point can be exported later")
+    p.add_argument("--export-snapshot", type=int, metavar="STEP",
+                   help="write the bundle from the snapshot of this learning-curve point instead of training "
+                   "(the state is left as it is)")
     p.add_argument("--intensity", default="hu_window", choices=["hu_window", "percentile"])
     p.add_argument("--name", default="hideseek-model", help="model name recorded in the bundle")
     p.add_argument("--seed", type=int, default=0)
@@ -288,6 +294,7 @@ def _run_train(args: argparse.Namespace) -> int:
         classifier_C=args.classifier_c or None, eval_every=args.eval_every, name=args.name,
         provenance={"manifest": str(args.manifest), "command": args.command_line},
         progress=report, overwrite=args.overwrite, card_text=card_text,
+        keep_snapshots=args.keep_snapshots, from_snapshot=args.export_snapshot,
     )
     print(f"\nwrote model bundle {out}", file=sys.stderr)
     return 0

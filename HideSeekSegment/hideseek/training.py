@@ -362,6 +362,26 @@ WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors
 HEAD_PREFIX = "label_head."
 """The label head's tensors in the weights file, beside the DAE's (the bundle never holds them)."""
 
+SNAPSHOT_DIR = "snapshots"
+"""Optional EMA copies, one per learning-curve point, so the best point of a run can be exported after it."""
+
+
+def snapshot_path(state_dir: str | Path, step: int) -> Path:
+    return Path(state_dir) / SNAPSHOT_DIR / f"ema-{step}.safetensors"
+
+
+def _snapshot_to_export(state_dir: Path, step: int, curve: list[dict]) -> Path:
+    """The snapshot of ``step``, refused with what is there when it (or its learning-curve point) is missing."""
+    path = snapshot_path(state_dir, step)
+    if not path.is_file() or not any(point["step"] == step for point in curve):
+        names = (f.name.removeprefix("ema-").removesuffix(".safetensors")
+                 for f in (state_dir / SNAPSHOT_DIR).glob("ema-*.safetensors"))
+        kept = sorted(int(n) for n in names if n.isdigit())
+        raise InputError(f"no EMA snapshot of step {step} in {state_dir / SNAPSHOT_DIR} (kept: "
+                         f"{', '.join(map(str, kept)) or 'none'}; snapshots are written by training with "
+                         "--keep-snapshots)")
+    return path
+
 
 def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
     """The bundle's weights when the bundle was written at the state's step: then they are exactly its EMA."""
@@ -469,6 +489,8 @@ def train_bundle(
     overwrite: bool = False,
     card_text: dict | None = None,
     calibrate: bool = True,
+    keep_snapshots: bool = False,
+    from_snapshot: int | None = None,
 ) -> Path:
     """Train (or resume) the DAE, fit the latent classifier on its codes and write a bundle with a model card.
 
@@ -477,9 +499,14 @@ def train_bundle(
     listed after them, so the card of a model trained over several sessions names all of them. A time budget of
     0 re-exports the bundle from the saved state without training. ``calibrate`` chooses the classifier's C
     (the given one or ten times stronger) and the edit step on validation lesions (calibration.py).
+    ``keep_snapshots`` also saves the EMA at every learning-curve point (``snapshot_path``); ``from_snapshot``
+    exports the one of that step instead of training, leaving the state as it is: the last step of a run is
+    not always its best.
     """
     _check_both_classes(slices)
     state_dir = Path(state_dir)
+    if from_snapshot is not None and not (state_dir / "state.json").is_file():
+        raise InputError(f"--state {state_dir}: no training state to export a snapshot from")
     text = dict(card_text or {})
     provenance = (provenance or {}) | text.pop("provenance", {})
     diffusion = DiffusionConfig()
@@ -508,13 +535,24 @@ def train_bundle(
         point |= measure_edit(t.ema, diffusion, clf, val, quick)
         curve.append(point)
         (state_dir / "curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
+        if keep_snapshots:
+            path = snapshot_path(state_dir, t.step)
+            path.parent.mkdir(exist_ok=True)
+            save_file(_float_tensors(t.ema), str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").replace(path)
         if progress is not None:
             progress({"eval": point})
 
-    trainer.run(
-        train.images, train.malignant, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress,
-        on_checkpoint=evaluate,
-    )
+    if from_snapshot is None:
+        trainer.run(
+            train.images, train.malignant, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress,
+            on_checkpoint=evaluate,
+        )
+        step, elapsed_s = trainer.step, trainer.elapsed_s
+    else:
+        trainer.ema.load_state_dict(load_file(str(_snapshot_to_export(state_dir, from_snapshot, curve))))
+        curve = [point for point in curve if point["step"] <= from_snapshot]
+        step, elapsed_s = from_snapshot, curve[-1]["elapsed_s"]
     z_train = encode_latents(trainer.ema, train.images).double().numpy()
     classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed, z=z_train)
     method: dict = {"default_preset": "fast"}
@@ -553,14 +591,14 @@ def train_bundle(
         "intended_use": "Research use only; not a medical device. Validate on your own data before relying on it.",
         "training": {
             "config": cfg.to_dict(),
-            "steps": trainer.step,
-            "elapsed_s": round(trainer.elapsed_s, 1),
+            "steps": step,
+            "elapsed_s": round(elapsed_s, 1),
             "device": str(device),
             "slices_train": len(train),
             "slices_val": len(val),
             "vertebrae": len(np.unique(slices.vertebra)),
             "malignant_fraction": round(float(slices.malignant.mean()), 3),
-            "loss": trainer.history[-20:],
+            "loss": [h for h in trainer.history if h["step"] <= step][-20:],
         },
         "metrics": metrics,
         "provenance": provenance | {"commands": provenance.get("commands", []) + _run_commands(trainer.history)},
@@ -572,7 +610,7 @@ def train_bundle(
         preprocessing,
         classifier,
         name=name,
-        version=str(trainer.step),
+        version=str(step),
         method=method,
         card=card,
         fit_info=fit_info,
