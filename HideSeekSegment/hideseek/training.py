@@ -287,9 +287,7 @@ class Trainer:
         weights = _float_tensors(self.model) | {HEAD_PREFIX + k: v for k, v in _float_tensors(self.label_head).items()}
         parts = {WEIGHTS_FILE: weights, EMA_FILE: _float_tensors(self.ema), OPTIMIZER_FILE: moments}
         for filename, tensors in parts.items():
-            tmp = state_dir / (filename + ".tmp")
-            save_file(tensors, str(tmp))
-            tmp.replace(state_dir / filename)
+            _save_atomically(tensors, state_dir / filename)
         meta = {
             "step": self.step,
             "elapsed_s": round(self.elapsed_s, 1),
@@ -414,6 +412,13 @@ def _eta(to_the_last_step: float, budget_s: float | None, elapsed_s: float) -> f
     return to_the_last_step if budget_s is None else max(0.0, min(to_the_last_step, budget_s - elapsed_s))
 
 
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write to a temp file renamed into place, so an interrupted write never leaves a half file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
 def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
 
@@ -536,10 +541,8 @@ def train_bundle(
         curve.append(point)
         (state_dir / "curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
         if keep_snapshots:
-            path = snapshot_path(state_dir, t.step)
-            path.parent.mkdir(exist_ok=True)
-            save_file(_float_tensors(t.ema), str(path.with_suffix(".tmp")))
-            path.with_suffix(".tmp").replace(path)
+            snapshot_path(state_dir, t.step).parent.mkdir(exist_ok=True)
+            _save_atomically(_float_tensors(t.ema), snapshot_path(state_dir, t.step))
         if progress is not None:
             progress({"eval": point})
 
