@@ -90,6 +90,28 @@ def test_a_slice_cache_made_with_other_settings_is_refused_and_kept(manifest, tm
     assert cache.read_bytes() == before
 
 
+def test_an_interrupted_cache_write_leaves_no_cache_and_a_truncated_one_is_refused(manifest, tmp_path, monkeypatch):
+    """A run stopped while writing the cache must not leave a file the next run takes for it (seen in use)."""
+    import hideseek.dataset as dataset
+
+    def stopped(out, **arrays):
+        out.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    cache = tmp_path / "mid.npz"
+    with monkeypatch.context() as m:
+        m.setattr(dataset.np, "savez_compressed", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            cached_slice_set(manifest, PREP, cache, mode="mid")
+    assert list(tmp_path.glob("mid.npz*")) == []
+    assert len(cached_slice_set(manifest, PREP, cache, mode="mid")) == 2 and cache.is_file()
+
+    cache.write_bytes(cache.read_bytes()[:100])  # as a kill -9 before the rename of an older version would leave it
+    with pytest.raises(InputError, match=r"mid.npz is not a readable .npz file.*delete it"):
+        cached_slice_set(manifest, PREP, cache, mode="mid")
+    assert cache.stat().st_size == 100
+
+
 def test_manifest_errors_are_specific(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_manifest(tmp_path / "none.csv")

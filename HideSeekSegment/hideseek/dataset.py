@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -53,10 +54,20 @@ class SliceSet:
         return np.array([ix[len(ix) // 2] for ix in per_vertebra], dtype=int)
 
     def save(self, path: str | Path, made_with: str | None = None) -> Path:
-        """Write the set as one ``.npz``; ``made_with`` records how it was extracted (see ``cached_slice_set``)."""
+        """Write the set as one ``.npz``; ``made_with`` records how it was extracted (see ``cached_slice_set``).
+
+        Written to a temp file renamed into place: a training set's cache takes a minute to write, and a run
+        stopped meanwhile must not leave a truncated file that the next run would take for the cache."""
         path = Path(path)
         stamp = {} if made_with is None else {MADE_WITH: np.array(made_with)}
-        np.savez_compressed(path, **{f.name: getattr(self, f.name) for f in fields(self)}, **stamp)
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            with open(tmp, "wb") as out:
+                np.savez_compressed(out, **{f.name: getattr(self, f.name) for f in fields(self)}, **stamp)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -175,11 +186,14 @@ def cached_slice_set(
 
 
 def _check_cache_stamp(cache: Path, stamp: str) -> None:
-    with np.load(cache, allow_pickle=False) as data:
-        made_with = str(data[MADE_WITH]) if MADE_WITH in data.files else None
+    fix = "delete it (it is made again from the manifest) or give another cache file"
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            made_with = str(data[MADE_WITH]) if MADE_WITH in data.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"slice cache {cache} is not a readable .npz file ({e}); {fix}") from e
     if made_with == stamp:
         return
-    fix = "delete it (it is made again from the manifest) or give another cache file"
     if made_with is None:
         raise InputError(f"slice cache {cache}: it does not record the preprocessing it was made with; {fix}")
     made, needed = json.loads(made_with), json.loads(stamp)
