@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from hideseek.errors import InputError
-from hideseek.io import atomic_output_dir, check_output_dir, describe_ct, read_ct, read_labelmap
+from hideseek.io import atomic_file, atomic_output_dir, check_output_dir, describe_ct, read_ct, read_labelmap
 
 REAL_CTS = (
     "totalsegmentator_example/example_ct.nii.gz",
@@ -352,6 +352,20 @@ def test_existing_results_are_kept_unless_overwrite_succeeds(tmp_path):
     with atomic_output_dir(out, overwrite=True) as work:
         (work / "new.txt").write_text("new", encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and _siblings(out) == ["case1"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_atomic_file_replaces_the_old_version_only_when_complete(tmp_path, error):
+    path = tmp_path / "summary.csv"
+    path.write_text("old", encoding="utf-8")
+    with pytest.raises(error), atomic_file(path) as tmp:
+        tmp.write_text("half", encoding="utf-8")
+        raise error()
+    assert path.read_text(encoding="utf-8") == "old" and _siblings(path) == ["summary.csv"]
+    with atomic_file(path) as tmp:
+        tmp.write_text("new", encoding="utf-8")
+        assert path.read_text(encoding="utf-8") == "old"
+    assert path.read_text(encoding="utf-8") == "new" and _siblings(path) == ["summary.csv"]
 
 
 def test_output_path_checks(tmp_path):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .io import atomic_file
 
 SUMMARY_COLUMNS = ("case", "status", "seconds", "vertebrae", "n_lytic", "n_blastic", "lytic_volume_mm3",
                    "blastic_volume_mm3", "out", "error")  # fmt: skip
@@ -194,10 +195,8 @@ def _read_summary(path: Path) -> dict[str, dict]:
 
 
 def _write_summary(path: Path, rows: list[dict]) -> Path:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
     return path

@@ -32,9 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +44,7 @@ from . import __version__
 from .classifier import LatentClassifier
 from .device import resolve_device
 from .errors import BundleError, InputError
+from .io import atomic_output_dir
 from .network import DAEConfig, DiffusionAutoencoder
 from .preprocessing import Preprocessing
 from .sampler import DiffusionConfig
@@ -235,7 +233,8 @@ def save_bundle(
 
     state = model.state_dict()
 
-    def write(folder: Path) -> None:
+    _check_replaceable(out, overwrite)
+    with atomic_output_dir(out, overwrite) as folder:
         tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
         # one metadata key only: safetensors writes several in a random order, so identical weights would
         # get another sha256 (and a new git blob) at every export; name and version are in model.json
@@ -245,36 +244,16 @@ def save_bundle(
         read_bundle_manifest(folder)  # what we wrote must read back
         if extra is not None:
             extra(folder, manifest)
-
-    _write_atomically(out, write, overwrite)
     return out
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool) -> None:
-    """Fill a hidden temporary folder beside ``out``, then rename it into place (replacing an old bundle)."""
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but a model bundle (or an empty folder), and anything without ``overwrite``."""
     if out.exists():
         if not overwrite:
             raise InputError(f"{out} already exists: choose another folder, or allow overwriting it")
         if not out.is_dir() or not ((out / MANIFEST_NAME).is_file() or not any(out.iterdir())):
             raise InputError(f"refusing to overwrite {out}: it is not a model bundle; choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _locate(path: str | Path) -> tuple[Path, Path]:

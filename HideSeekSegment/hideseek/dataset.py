@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .io import read_ct
+from .io import atomic_file, read_ct
 from .preprocessing import Preprocessing
 from .vertebrae import Vertebra, VertebraLabels, load_vertebra_labels, vertebral_body
 from .volume import extract_vertebra_slices, sample_labels
@@ -60,14 +60,8 @@ class SliceSet:
         stopped meanwhile must not leave a truncated file that the next run would take for the cache."""
         path = Path(path)
         stamp = {} if made_with is None else {MADE_WITH: np.array(made_with)}
-        tmp = path.with_name(path.name + ".partial")
-        try:
-            with open(tmp, "wb") as out:
-                np.savez_compressed(out, **{f.name: getattr(self, f.name) for f in fields(self)}, **stamp)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp, open(tmp, "wb") as out:
+            np.savez_compressed(out, **{f.name: getattr(self, f.name) for f in fields(self)}, **stamp)
         return path
 
     @classmethod

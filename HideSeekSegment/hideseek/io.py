@@ -173,6 +173,22 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it replaces ``path``, on failure it vanishes.
+
+    A run stopped mid-write (a 334 MB slice cache takes a minute) must never leave a truncated file that the
+    next run reads as complete, nor destroy the previous version before the new one is whole.
+    """
+    out = Path(path)
+    partial = out.with_name(f".{out.name}.partial-{secrets.token_hex(4)}")
+    try:
+        yield partial
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``, on any failure it vanishes.
 

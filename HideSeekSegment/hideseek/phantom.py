@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .io import atomic_output_dir
 
 LEVEL_NAMES = ("T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12",
                "L1", "L2", "L3", "L4", "L5")  # fmt: skip
@@ -1306,10 +1305,8 @@ def write_phantom_set(
     if int(n_cases) < 1:
         raise InputError(f"the number of cases must be at least 1, got {n_cases}")
     _prepare_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     case_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_cases))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         rows = []
         for i, case_seed in enumerate(case_seeds):
             name = f"case_{i:04d}"
@@ -1318,17 +1315,10 @@ def write_phantom_set(
             rows += _manifest_rows(case, name, paths)
             if report is not None:
                 report(_summary(case, name))
-        manifest = tmp / "manifest.csv"
-        with manifest.open("w", newline="", encoding="utf-8") as fh:
+        with (tmp / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "manifest.csv"
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .io import atomic_file
+
 TERMINOLOGY_CONTEXT = "Segmentation category and type - HideSeekSegment"
 """Name of our terminology context; must equal ``SegmentationCategoryTypeContextName`` in the .term.json."""
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -107,15 +109,10 @@ def write_seg_nrrd(
         raise ValueError(f"a Slicer segmentation file must end with .seg.nrrd, got {out.name}")
     array = _labelmap_array(labelmap, segments)
     header = _nrrd_header(labelmap, array.shape[::-1]) + _segmentation_fields(labelmap, array, segments)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        with open(partial, "wb") as f:
-            f.write(header.encode("utf-8") + b"\n")
-            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
-                gz.write(np.ascontiguousarray(array).data)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_file(out) as partial, open(partial, "wb") as f:
+        f.write(header.encode("utf-8") + b"\n")
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+            gz.write(np.ascontiguousarray(array).data)
     return out
 
 

@@ -35,6 +35,7 @@ from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
 from .errors import BundleError, InputError
+from .io import atomic_file
 from .metrics import edit_efficacy, json_measurements, selection_key
 from .modelcard import write_model_card
 from .network import DAEConfig, DiffusionAutoencoder
@@ -297,9 +298,8 @@ class Trainer:
             "adam_steps": adam_steps,
             "rng": self._rng.get_state().tolist(),
         }
-        tmp_json = state_dir / "state.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        tmp_json.replace(state_dir / "state.json")
+        with atomic_file(state_dir / "state.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     @classmethod
     def resume(cls, state_dir: Path, device: torch.device, ema_fallback: Path | None = None, **overrides) -> Trainer:
@@ -413,10 +413,9 @@ def _eta(to_the_last_step: float, budget_s: float | None, elapsed_s: float) -> f
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write to a temp file renamed into place, so an interrupted write never leaves a half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    """Write safetensors so that an interrupted write never leaves a half file."""
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
