@@ -98,3 +98,24 @@ def test_cli_writes_a_set_the_pipeline_reads(tmp_path, capsys):
     assert main(["phantom", "--out", str(out), "--cases", "1", "--seed", "5"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_set_is_replaced_only_with_overwrite_and_only_a_phantom_set(tmp_path):
+    out = tmp_path / "set"
+    P.write_phantom_set(out, 1, seed=4, **SMALL)
+    first = (out / "manifest.csv").read_bytes()
+    with pytest.raises(InputError, match=r"not empty.*--overwrite"):
+        P.write_phantom_set(out, 1, seed=5, **SMALL)
+    assert (out / "manifest.csv").read_bytes() == first
+    P.write_phantom_set(out, 1, seed=5, overwrite=True, **SMALL)
+    assert (out / "manifest.csv").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # the old set and the temp folder are gone
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep", encoding="utf-8")
+    with pytest.raises(InputError, match="not a phantom set"):
+        P.write_phantom_set(mine, 1, seed=5, overwrite=True, **SMALL)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(InputError, match="is a file"):
+        P.write_phantom_set(mine / "notes.txt", 1, seed=5, overwrite=True, **SMALL)

@@ -56,8 +56,7 @@ class SliceSet:
     def save(self, path: str | Path, made_with: str | None = None) -> Path:
         """Write the set as one ``.npz``; ``made_with`` records how it was extracted (see ``cached_slice_set``).
 
-        Written to a temp file renamed into place: a training set's cache takes a minute to write, and a run
-        stopped meanwhile must not leave a truncated file that the next run would take for the cache."""
+        Written through ``atomic_file``: a run stopped while writing must leave no truncated cache behind."""
         path = Path(path)
         stamp = {} if made_with is None else {MADE_WITH: np.array(made_with)}
         with atomic_file(path) as tmp, open(tmp, "wb") as out:

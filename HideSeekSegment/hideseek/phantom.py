@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
-from .io import atomic_output_dir
+from .io import atomic_output_dir, check_output_dir
 
 LEVEL_NAMES = ("T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12",
                "L1", "L2", "L3", "L4", "L5")  # fmt: skip
@@ -1275,16 +1275,13 @@ MANIFEST_COLUMNS = ("case", "ct", "vertebrae", "body", "lesions", "mimics", "lab
                     "n_lytic", "n_blastic", "mimic_kinds", "seed")  # fmt: skip
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir} is a file, not a folder: choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{out_dir} exists and is not empty: choose a new folder or pass --overwrite")
-        if not (out_dir / "manifest.csv").is_file():
-            raise InputError(
-                f"{out_dir} is not empty and holds no manifest.csv (not a phantom set): refusing to replace it"
-            )
+def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Refuse before any case is generated; even with ``overwrite``, replace only a phantom set."""
+    check_output_dir(out_dir, overwrite)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.csv").is_file():
+        raise InputError(
+            f"{out_dir} is not empty and holds no manifest.csv (not a phantom set): refusing to replace it"
+        )
 
 
 def write_phantom_set(
@@ -1304,7 +1301,7 @@ def write_phantom_set(
     out = Path(out_dir).expanduser().resolve()
     if int(n_cases) < 1:
         raise InputError(f"the number of cases must be at least 1, got {n_cases}")
-    _prepare_out_dir(out, overwrite)
+    _check_replaceable(out, overwrite)
     case_seeds = np.random.SeedSequence(int(seed)).generate_state(int(n_cases))
     with atomic_output_dir(out, overwrite) as tmp:
         rows = []
