@@ -239,15 +239,21 @@ def test_snapshots_keep_every_curve_point_and_one_exports_without_touching_the_s
     prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
     state = tmp_path / "state"
     last = train_bundle(_toy_slice_set(), tmp_path / "last", state, _cfg(steps=20, checkpoint_every=10), prep,
-                        device=torch.device("cpu"), classifier_C=0.01, eval_every=10, keep_snapshots=True)
+                        device=torch.device("cpu"), classifier_C=0.01, eval_every=10, keep_snapshots=True,
+                        provenance={"command": "hideseek train --steps 20"})
     assert snapshot_path(state, 10).is_file() and snapshot_path(state, 20).is_file()
     for name, tensor in load_bundle(last).dae.state_dict().items():
         assert torch.equal(tensor, load_file(str(snapshot_path(state, 20)))[name])
     state_before = {f.name: f.read_bytes() for f in state.iterdir() if f.is_file()}
 
     out = train_bundle(_toy_slice_set(), tmp_path / "best", state, _cfg(steps=20, checkpoint_every=10), prep,
-                       device=torch.device("cpu"), classifier_C=0.01, eval_every=10, from_snapshot=10)
+                       device=torch.device("cpu"), classifier_C=0.01, eval_every=10, from_snapshot=10,
+                       provenance={"command": "hideseek train --export-snapshot 10"})
     bundle = load_bundle(out)
+    # The export is named as one, not as a training run, and the run that made the snapshot is listed.
+    assert bundle.card["provenance"]["commands"] == [
+        "hideseek train --steps 20   # from step 0",
+        "hideseek train --export-snapshot 10   # exports the EMA snapshot of step 10, no training"]
     assert bundle.version == "10" and bundle.card["training"]["steps"] == 10
     assert [p["step"] for p in bundle.card["metrics"]["learning_curve"]] == [10]
     snapshot = load_file(str(snapshot_path(state, 10)))
@@ -332,8 +338,10 @@ def test_data_without_both_classes_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize(("extra", "needle"), [(["--lr-decay-from", "20"], "--lr-decay-from 20 must be a step before"),
                                                (["--lr-final", "0.1"], "--lr-final 0.1 must be positive"),
-                                               (["--label-weight", "-1"], "--label-weight -1.0 must be 0 or")])
-def test_an_impossible_schedule_or_label_weight_is_refused_before_any_work(extra, needle, tmp_path, capsys):
+                                               (["--label-weight", "-1"], "--label-weight -1.0 must be 0 or"),
+                                               (["--label-dropout", "1"], "--label-dropout 1.0 must be at least 0 "
+                                                                          "and below 1")])
+def test_an_impossible_schedule_or_label_setting_is_refused_before_any_work(extra, needle, tmp_path, capsys):
     from hideseek.cli import main
 
     argv = ["train", "--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "b"), "--state",
@@ -361,6 +369,26 @@ def test_the_label_head_learns_the_vertebra_label_from_z_and_resumes_with_the_st
     assert len(resumed.opt.state) == len(list(resumed.model.parameters())) + 2  # the head's Adam moments too
     with pytest.raises(ValueError, match="label"):
         resumed.run(images)
+
+
+def test_label_dropout_hides_a_share_of_z_from_the_head_and_a_resume_may_switch_it_on(tmp_path):
+    z = torch.ones(64, 512)
+    plain = Trainer(_cfg(label_weight=1.0), DiffusionConfig(), torch.device("cpu"))
+    assert plain._dropped(z) is z
+    dropping = Trainer(_cfg(label_weight=1.0, label_dropout=0.25), DiffusionConfig(), torch.device("cpu"))
+    seen = dropping._dropped(z)
+    assert abs(float((seen == 0).float().mean()) - 0.25) < 0.01  # 32768 draws: the share is within ±0.01
+    assert seen.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]  # inverted dropout: the mean input is kept
+    assert not torch.equal(seen, dropping._dropped(z))  # a fresh draw at every step
+
+    labels = (np.arange(32) % 2).astype(np.int8)
+    Trainer(_cfg(steps=20, label_weight=1.0), DiffusionConfig(), torch.device("cpu")).run(
+        _toy_images(32), labels, state_dir=tmp_path)
+    resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=30, label_weight=1.0, label_dropout=0.5)
+    assert resumed.cfg.label_dropout == 0.5
+    assert resumed.history[-1] == {"step": 20, "resume": "label_dropout -> 0.5"}
+    resumed.run(_toy_images(32), labels, state_dir=tmp_path)
+    assert resumed.step == 30
 
 
 def test_a_state_from_before_the_label_head_resumes_without_it_and_may_switch_it_on(tmp_path):

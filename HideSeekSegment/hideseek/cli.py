@@ -226,6 +226,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="weight of a logistic loss on z against the vertebra labels, so that z must carry what makes "
                    "a vertebra malignant (default 0: the published, label-free DAE objective)")
+    p.add_argument("--label-dropout", type=float, default=0.0,
+                   help="share of z's channels hidden from the label head at each step (0 <= rate < 1; default 0), "
+                   "so that the head cannot memorise the slices through a few channels")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between learning-curve points")
     p.add_argument("--keep-snapshots", action="store_true",
                    help="also keep the EMA weights of every learning-curve point in STATE/snapshots/ (one weights "
@@ -267,6 +270,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise InputError(f"--lr-final {args.lr_final} must be positive and at most --lr {args.lr}")
     if not (math.isfinite(args.label_weight) and args.label_weight >= 0):
         raise InputError(f"--label-weight {args.label_weight} must be 0 or a positive number")
+    if not 0 <= args.label_dropout < 1:
+        raise InputError(f"--label-dropout {args.label_dropout} must be at least 0 and below 1")
     _apply_threads(args)
     card_text = _read_card_text(args.card) if args.card else None
     prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
@@ -277,7 +282,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       high_noise_fraction=args.high_noise_fraction, x0_weight_max=args.x0_weight_max,
                       lr_decay_from=args.lr_decay_from, lr_final=args.lr_final, label_weight=args.label_weight,
-                      bf16=not args.no_bf16)
+                      label_dropout=args.label_dropout, bf16=not args.no_bf16)
 
     def report(record: dict) -> None:
         if "eval" in record:

@@ -63,6 +63,7 @@ class TrainConfig:
     high_noise_from: float = 0.5
     x0_weight_max: float = 1.0  # >1: weight each sample by clip(1/SNR(t), 1, this), i.e. toward an x0-space loss
     label_weight: float = 0.0  # >0: add this × the logistic loss of a linear head on z against the slice's label
+    label_dropout: float = 0.0  # share of z's channels the label head does not see (per sample, freshly drawn)
     augment_shift_px: int = 2  # random translation (reflect-padded)
     augment_intensity: float = 0.05  # random gain/offset in the normalised range
     bf16: bool = True  # autocast where the device runs bf16 natively (device.bf16_is_fast), else float32
@@ -161,8 +162,18 @@ class Trainer:
             return denoising, None
         if labels is None:
             raise ValueError("label_weight > 0 needs the slices' vertebra-level labels")
-        logits = self.label_head(cond.float())[:, 0]
+        logits = self.label_head(self._dropped(cond.float()))[:, 0]
         return denoising, torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float().to(self.device))
+
+    def _dropped(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout on the label head's input: a head that cannot rest on a few channels of z is
+        harder to fit by memorising slices (the head's loss fell to ~0.3 in ~3000 steps while validation AUC
+        turned down; BENCHMARKS.md section 3). Drawn from the trainer's generator, so a resumed run repeats."""
+        rate = self.cfg.label_dropout
+        if not rate:
+            return z
+        keep = (torch.rand(z.shape, generator=self._rng) >= rate).to(z.device)
+        return z * keep / (1.0 - rate)
 
     def _weights(self, t: torch.Tensor) -> torch.Tensor:
         snr = self._sqrt_ac[t].pow(2) / self._sqrt_1m_ac[t].pow(2)
@@ -351,7 +362,8 @@ class Trainer:
         return trainer
 
 
-RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max", "lr_decay_from", "lr_final", "label_weight")
+RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max", "lr_decay_from", "lr_final", "label_weight",
+                    "label_dropout")
 """Settings a resumed run takes from the new command (a curriculum); the rest stays as the run began."""
 
 WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors", "optimizer.safetensors"
@@ -402,9 +414,15 @@ def _check_both_classes(slices: SliceSet) -> None:
         )
 
 
-def _run_commands(history: list[dict]) -> list[str]:
-    """The command of every run that led to this state, each with the step it started from."""
-    return [f"{h['run']}   # from step {h['step']}" for h in history if "run" in h]
+def _commands_behind(history: list[dict], step: int, export_command: str | None) -> list[str]:
+    """The command of every run that led to the weights of ``step``, each with the step it started from.
+
+    ``export_command`` (exporting an EMA snapshot) is listed as what it is, after the runs that started before
+    that step: runs of the state after the snapshot did not shape it."""
+    if export_command is None:
+        return [f"{h['run']}   # from step {h['step']}" for h in history if "run" in h]
+    runs = [f"{h['run']}   # from step {h['step']}" for h in history if "run" in h and h["step"] < step]
+    return [*runs, f"{export_command}   # exports the EMA snapshot of step {step}, no training"]
 
 
 def _eta(to_the_last_step: float, budget_s: float | None, elapsed_s: float) -> float:
@@ -521,7 +539,7 @@ def train_bundle(
         trainer = Trainer.resume(state_dir, device, ema_fallback=_bundle_ema(out_dir, state_dir), **changeable)
     else:
         trainer = Trainer(cfg, diffusion, device)
-    if "command" in provenance:  # every run of a resumed training is in its history, hence in the card
+    if "command" in provenance and from_snapshot is None:  # every run of a training is in its history (card)
         trainer.history.append({"step": trainer.step, "run": provenance["command"]})
     curve: list[dict] = (
         json.loads((state_dir / "curve.json").read_text(encoding="utf-8"))
@@ -603,7 +621,8 @@ def train_bundle(
             "loss": [h for h in trainer.history if h["step"] <= step][-20:],
         },
         "metrics": metrics,
-        "provenance": provenance | {"commands": provenance.get("commands", []) + _run_commands(trainer.history)},
+        "provenance": provenance | {"commands": provenance.get("commands", []) + _commands_behind(
+            trainer.history, step, provenance.get("command") if from_snapshot is not None else None)},
     } | text
     return save_bundle(
         out_dir,
