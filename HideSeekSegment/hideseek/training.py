@@ -419,9 +419,10 @@ def _commands_behind(history: list[dict], step: int, export_command: str | None)
 
     ``export_command`` (exporting an EMA snapshot) is listed as what it is, after the runs that started before
     that step: runs of the state after the snapshot did not shape it."""
+    runs = [f"{h['run']}   # from step {h['step']}" for h in history
+            if "run" in h and (export_command is None or h["step"] < step)]
     if export_command is None:
-        return [f"{h['run']}   # from step {h['step']}" for h in history if "run" in h]
-    runs = [f"{h['run']}   # from step {h['step']}" for h in history if "run" in h and h["step"] < step]
+        return runs
     return [*runs, f"{export_command}   # exports the EMA snapshot of step {step}, no training"]
 
 
