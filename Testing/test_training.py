@@ -340,7 +340,9 @@ def test_data_without_both_classes_is_refused_before_training(tmp_path):
                                                (["--lr-final", "0.1"], "--lr-final 0.1 must be positive"),
                                                (["--label-weight", "-1"], "--label-weight -1.0 must be 0 or"),
                                                (["--label-dropout", "1"], "--label-dropout 1.0 must be at least 0 "
-                                                                          "and below 1")])
+                                                                          "and below 1"),
+                                               (["--body-weight", "0.5"], "--body-weight 0.5 must be a number of at "
+                                                                          "least 1")])
 def test_an_impossible_schedule_or_label_setting_is_refused_before_any_work(extra, needle, tmp_path, capsys):
     from hideseek.cli import main
 
@@ -407,3 +409,37 @@ def test_a_state_from_before_the_label_head_resumes_without_it_and_may_switch_it
     assert "resume" not in plain.history[-1] and plain.cfg.label_weight == 0.0
     switched = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, label_weight=0.01)
     assert switched.history[-1] == {"step": 20, "resume": "label_weight -> 0.01"}
+
+
+def test_body_weight_counts_the_error_inside_the_body_that_many_times():
+    """The network is replaced by one whose only error is 1 in the top half of each slice, so the weighted mean
+    is known: with the body on the top half and weight 4, (4 × 128) / (4 × 128 + 128) = 0.8 against a plain 0.5."""
+    trainer = Trainer(_cfg(body_weight=4.0), DiffusionConfig(), torch.device("cpu"))
+    error = torch.zeros(1, 1, 16, 16)
+    error[..., :8, :] = 1.0
+    trainer.model.forward = lambda xt, t, cond: xt / trainer._sqrt_1m_ac[t][:, None, None, None] + error
+    x0 = torch.zeros(8, 1, 16, 16)  # x_t is then the noise alone, scaled
+    top = torch.zeros(8, 1, 16, 16, dtype=torch.bool)
+    top[..., :8, :] = True
+    assert float(trainer.loss(x0, bodies=top)[0]) == pytest.approx(0.8)
+    assert float(trainer.loss(x0, bodies=~top)[0]) == pytest.approx(0.2)
+    assert float(trainer.loss(x0, bodies=torch.ones_like(top))[0]) == pytest.approx(0.5)  # uniform: plain mean
+    with pytest.raises(ValueError, match="body masks"):
+        trainer.loss(x0)
+
+
+def test_augmentation_moves_the_body_masks_with_their_slices_and_a_resume_may_switch_body_weight_on(tmp_path):
+    trainer = Trainer(_cfg(augment_shift_px=3), DiffusionConfig(), torch.device("cpu"))
+    masks = torch.from_numpy(_toy_images(32) > 0.5)[:, None]
+    shifted, moved = trainer._augment(masks.float(), masks)
+    assert not torch.equal(moved, masks)  # 32 random shifts of up to 3 px: some moved
+    assert torch.equal(moved, shifted > 0.5)  # gain and offset of at most 5 % keep 0 and 1 apart
+
+    images, bodies = _toy_images(32), _toy_images(32) > 0.3
+    with pytest.raises(ValueError, match="one vertebral body mask per slice"):
+        Trainer(_cfg(body_weight=4.0), DiffusionConfig(), torch.device("cpu")).run(images, bodies=bodies[:5])
+    Trainer(_cfg(steps=20), DiffusionConfig(), torch.device("cpu")).run(images, state_dir=tmp_path)
+    resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=30, body_weight=4.0)
+    assert resumed.history[-1] == {"step": 20, "resume": "body_weight -> 4.0"}
+    resumed.run(images, bodies=bodies, state_dir=tmp_path)
+    assert resumed.step == 30

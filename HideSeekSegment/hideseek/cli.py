@@ -229,6 +229,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-dropout", type=float, default=0.0,
                    help="share of z's channels hidden from the label head at each step (0 <= rate < 1; default 0), "
                    "so that the head cannot memorise the slices through a few channels")
+    p.add_argument("--body-weight", type=float, default=1.0,
+                   help="weight of the denoising error inside the vertebral body against a pixel outside it "
+                   "(>= 1; default 1: every pixel alike), so that z spends more of itself on the bone")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between learning-curve points")
     p.add_argument("--keep-snapshots", action="store_true",
                    help="also keep the EMA weights of every learning-curve point in STATE/snapshots/ (one weights "
@@ -272,6 +275,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise InputError(f"--label-weight {args.label_weight} must be 0 or a positive number")
     if not 0 <= args.label_dropout < 1:
         raise InputError(f"--label-dropout {args.label_dropout} must be at least 0 and below 1")
+    if not (math.isfinite(args.body_weight) and args.body_weight >= 1):
+        raise InputError(f"--body-weight {args.body_weight} must be a number of at least 1")
     _apply_threads(args)
     card_text = _read_card_text(args.card) if args.card else None
     prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
@@ -282,7 +287,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       high_noise_fraction=args.high_noise_fraction, x0_weight_max=args.x0_weight_max,
                       lr_decay_from=args.lr_decay_from, lr_final=args.lr_final, label_weight=args.label_weight,
-                      label_dropout=args.label_dropout, bf16=not args.no_bf16)
+                      label_dropout=args.label_dropout, body_weight=args.body_weight, bf16=not args.no_bf16)
 
     def report(record: dict) -> None:
         if "eval" in record:

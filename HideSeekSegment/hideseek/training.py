@@ -64,6 +64,7 @@ class TrainConfig:
     x0_weight_max: float = 1.0  # >1: weight each sample by clip(1/SNR(t), 1, this), i.e. toward an x0-space loss
     label_weight: float = 0.0  # >0: add this × the logistic loss of a linear head on z against the slice's label
     label_dropout: float = 0.0  # share of z's channels the label head does not see (per sample, freshly drawn)
+    body_weight: float = 1.0  # >1: denoising error inside the vertebral body counts this many times a pixel outside
     augment_shift_px: int = 2  # random translation (reflect-padded)
     augment_intensity: float = 0.05  # random gain/offset in the normalised range
     bf16: bool = True  # autocast where the device runs bf16 natively (device.bf16_is_fast), else float32
@@ -126,23 +127,29 @@ class Trainer:
         t[high] = torch.randint(lo, T, (int(high.sum()),), generator=self._rng)
         return t
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, bodies: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shift (reflect-padded) and scale the slices; the body masks, when given, move with their slices."""
         n, s = x.shape[0], self.cfg.augment_shift_px
         if s:
-            padded = torch.nn.functional.pad(x, (s, s, s, s), mode="reflect")
+            stacked = x if bodies is None else torch.cat([x, bodies.to(x.dtype)], dim=1)
+            padded = torch.nn.functional.pad(stacked, (s, s, s, s), mode="reflect")
             dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=self._rng)
             h, w = x.shape[-2:]
-            x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+            stacked = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+            x, bodies = stacked[:, :1], None if bodies is None else stacked[:, 1:] > 0.5
         if self.cfg.augment_intensity:
             a = self.cfg.augment_intensity
             gain = 1 + a * (2 * torch.rand(n, 1, 1, 1, generator=self._rng) - 1)
             offset = a * (2 * torch.rand(n, 1, 1, 1, generator=self._rng) - 1)
             x = x * gain + offset
-        return x
+        return x, bodies
 
-    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Noise-prediction MSE, per sample weighted by ``_weights`` (plain MSE when x0_weight_max is 1), and
-        the label head's logistic loss (None without ``label_weight``); the total is their weighted sum.
+    def loss(
+        self, x0: torch.Tensor, labels: torch.Tensor | None = None, bodies: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Noise-prediction MSE, per sample weighted by ``_weights`` (plain MSE when x0_weight_max is 1) and per
+        pixel by ``_pixel_weights`` (plain when body_weight is 1), and the label head's logistic loss (None
+        without ``label_weight``); the total is their weighted sum.
 
         Why weight: with eps-prediction, an error e in the predicted image costs only SNR(t)·e² at timestep t, so
         at high noise levels (SNR ~ 1e-3) the loss barely asks the network to know the image, and the decoder
@@ -155,7 +162,12 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
             cond = self.model.encode(x0)
             pred = self.model(xt, t, cond)
-        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        squared = (pred.float() - noise).pow(2)
+        if self.cfg.body_weight == 1.0:
+            per_sample = squared.mean(dim=(1, 2, 3))
+        else:
+            pixel = self._pixel_weights(bodies)
+            per_sample = (pixel * squared).sum(dim=(1, 2, 3)) / pixel.sum(dim=(1, 2, 3))
         w = self._weights(t)
         denoising = (w * per_sample).sum() / w.sum()
         if not self.cfg.label_weight:
@@ -164,6 +176,14 @@ class Trainer:
             raise ValueError("label_weight > 0 needs the slices' vertebra-level labels")
         logits = self.label_head(self._dropped(cond.float()))[:, 0]
         return denoising, torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float().to(self.device))
+
+    def _pixel_weights(self, bodies: torch.Tensor | None) -> torch.Tensor:
+        """``body_weight`` inside the vertebral body, 1 elsewhere. Why: metastases live in the body, a fifth of
+        the slice, yet the plain loss spends most of its error on soft tissue around it; the edit's lack of
+        specificity for lesions lies in what z encodes (BENCHMARKS.md section 3)."""
+        if bodies is None:
+            raise ValueError("body_weight != 1 needs the slices' vertebral body masks")
+        return 1.0 + (self.cfg.body_weight - 1.0) * bodies.to(self.device, torch.float32)
 
     def _dropped(self, z: torch.Tensor) -> torch.Tensor:
         """Inverted dropout on the label head's input: a head that cannot rest on a few channels of z is
@@ -189,12 +209,15 @@ class Trainer:
             lr = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1.0 + math.cos(math.pi * done))
         return lr * min(1.0, (self.step - self._warmup_from + 1) / max(1, cfg.warmup_steps))
 
-    def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float, float | None]:
+    def train_step(
+        self, x0: torch.Tensor, labels: torch.Tensor | None = None, bodies: torch.Tensor | None = None
+    ) -> tuple[float, float | None]:
         """One optimizer step; returns the denoising loss and the label loss (None when not trained)."""
         self.model.train()
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
-        denoising, label_loss = self.loss(self._augment(x0).to(self.device), labels)
+        x, bodies = self._augment(x0, bodies)
+        denoising, label_loss = self.loss(x.to(self.device), labels, bodies)
         loss = denoising if label_loss is None else denoising + self.cfg.label_weight * label_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,6 +236,7 @@ class Trainer:
         self,
         images: np.ndarray,
         labels: np.ndarray | None = None,
+        bodies: np.ndarray | None = None,
         *,
         state_dir: Path | None = None,
         time_budget_s: float | None = None,
@@ -220,10 +244,14 @@ class Trainer:
         on_checkpoint: Callable[[Trainer], None] | None = None,
     ) -> None:
         """Train on ``images`` (N, H, W) in the model's intensity range until ``cfg.steps`` or the budget;
-        ``labels`` (N,) 0/1 are each slice's vertebra label, needed when ``cfg.label_weight`` > 0."""
+        ``labels`` (N,) 0/1 are each slice's vertebra label, needed when ``cfg.label_weight`` > 0; ``bodies``
+        (N, H, W) bool its vertebral body, needed when ``cfg.body_weight`` != 1."""
         data = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
         if self.cfg.label_weight and (labels is None or len(labels) != len(data)):
             raise ValueError("label_weight > 0 needs one vertebra-level label per slice")
+        if self.cfg.body_weight != 1.0 and (bodies is None or np.shape(bodies) != (len(data), *data.shape[2:])):
+            raise ValueError("body_weight != 1 needs one vertebral body mask per slice, of the slices' size")
+        masks = None if self.cfg.body_weight == 1.0 else torch.from_numpy(np.asarray(bodies, dtype=bool))[:, None]
         targets = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.float32))
         if data.shape[-1] != self.cfg.dae_config().image_size:
             raise ValueError(
@@ -237,7 +265,9 @@ class Trainer:
             if time_budget_s is not None and time.monotonic() - session_start >= time_budget_s:
                 break
             idx = order_rng.integers(0, len(data), self.cfg.batch_size)
-            denoising, label_loss = self.train_step(data[idx], None if targets is None else targets[idx])
+            denoising, label_loss = self.train_step(
+                data[idx], None if targets is None else targets[idx], None if masks is None else masks[idx]
+            )
             losses.append(denoising)
             if label_loss is not None:
                 label_losses.append(label_loss)
@@ -363,7 +393,7 @@ class Trainer:
 
 
 RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max", "lr_decay_from", "lr_final", "label_weight",
-                    "label_dropout")
+                    "label_dropout", "body_weight")
 """Settings a resumed run takes from the new command (a curriculum); the rest stays as the run began."""
 
 WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors", "optimizer.safetensors"
@@ -566,8 +596,8 @@ def train_bundle(
 
     if from_snapshot is None:
         trainer.run(
-            train.images, train.malignant, state_dir=state_dir, time_budget_s=time_budget_s, progress=progress,
-            on_checkpoint=evaluate,
+            train.images, train.malignant, train.bodies, state_dir=state_dir, time_budget_s=time_budget_s,
+            progress=progress, on_checkpoint=evaluate,
         )
         step, elapsed_s = trainer.step, trainer.elapsed_s
     else:
