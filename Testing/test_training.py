@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -191,6 +192,14 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert "| P gate | mean F1 | mimic FP |" in card_md
     assert "by the best lesion F1 of candidate tuning" in card_md
     assert "gate_probability" in tuning["chosen"]
+    assert "†" not in card_md  # every point was measured on the same validation vertebrae
+    # A resume on other vertebrae marks the points measured on the old validation set.
+    other = dataclasses.replace(_toy_slice_set(), names=np.array([f"w{i}" for i in range(8)]))
+    out3 = train_bundle(other, tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
+                        device=torch.device("cpu"), classifier_C=0.01, eval_every=20, overwrite=True)
+    card_md = (out3 / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert all(f"| {step} † |" in card_md for step in (20, 40, 50)) and "| 60 |" in card_md
+    assert "† measured on other validation vertebrae than the last point" in card_md
 
 
 def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_reexports(tmp_path):

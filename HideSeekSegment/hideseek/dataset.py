@@ -9,6 +9,7 @@ Real datasets and ``hideseek phantom`` output use the same format. Slices are ca
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import zipfile
 from collections.abc import Callable
@@ -47,6 +48,11 @@ class SliceSet:
         return SliceSet(
             **{f.name: getattr(self, f.name)[keep] if f.name != "names" else self.names for f in fields(self)}
         )
+
+    def vertebra_fingerprint(self) -> str:
+        """A short digest of which vertebrae the set holds: two sets with the same one hold the same vertebrae."""
+        names = sorted(str(n) for n in self.names[np.unique(self.vertebra)])
+        return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:12]
 
     def middle_slices(self) -> np.ndarray:
         """Index of the middle slice of each vertebra (in set order): the nearest to the paper's ``mid`` mode."""

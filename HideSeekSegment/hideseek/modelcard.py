@@ -61,12 +61,16 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             "| step | hours | val AUC | edit efficacy | lytic | blastic | outside ratio | P(edit) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        elsewhere = _measured_elsewhere(curve)
         lines += [
-            f"| {p['step']} | {p['elapsed_s'] / 3600:.2f} | {p.get('val_auc', float('nan')):.3f} | "
-            f"{p.get('efficacy', float('nan')):.3f} | {_per_type(p)} | {p.get('outside_ratio', float('nan')):.2f} | "
-            f"{p.get('p_reencoded_edit', float('nan')):.3f} |"
-            for p in curve
+            f"| {p['step']}{' †' if i in elsewhere else ''} | {p['elapsed_s'] / 3600:.2f} | "
+            f"{p.get('val_auc', float('nan')):.3f} | {p.get('efficacy', float('nan')):.3f} | {_per_type(p)} | "
+            f"{p.get('outside_ratio', float('nan')):.2f} | {p.get('p_reencoded_edit', float('nan')):.3f} |"
+            for i, p in enumerate(curve)
         ]
+        if elsewhere:
+            lines += ["", "† measured on other validation vertebrae than the last point (a run resumed on other "
+                      "data): compare these points with each other, not with the rest."]
         _plot_curve(curve, folder / CURVE_FILE)
     calibration = card.get("metrics", {}).get("edit_calibration")
     if calibration:
@@ -105,6 +109,13 @@ def _shortlist_clause(shortlist: list[dict] | None) -> str:
 def _value(row: dict, key: str, spec: str) -> str:
     """A measurement, or – where it was undefined (``json_measurements`` leaves those out)."""
     return format(row[key], spec) if key in row else "–"
+
+
+def _measured_elsewhere(curve: list[dict]) -> set[int]:
+    """Indices of the points whose validation set is known and differs from the last point's (points from before
+    the set was recorded are left unmarked: unknown is not different)."""
+    last = curve[-1].get("val_set")
+    return {i for i, p in enumerate(curve) if last is not None and p.get("val_set") not in (None, last)}
 
 
 def _per_type(row: dict) -> str:

@@ -578,13 +578,15 @@ def train_bundle(
         else []
     )
     quick = settings_for("fast", encode_steps=20, decode_steps=20)
+    val_set = val.vertebra_fingerprint()  # a run resumed on other data measures on other vertebrae (model card)
 
     def evaluate(t: Trainer) -> None:
         if t.step % eval_every and t.step != t.cfg.steps:
             return
         clf, info = fit_classifier(t.ema, train, C=classifier_C, seed=cfg.seed)
         val_auc = roc_auc(val.malignant, clf.probability(encode_latents(t.ema, val.images).double()).numpy())
-        point = {"step": t.step, "elapsed_s": round(t.elapsed_s, 1), "val_auc": round(val_auc, 4), "C": info["C"]}
+        point = {"step": t.step, "elapsed_s": round(t.elapsed_s, 1), "val_auc": round(val_auc, 4), "C": info["C"],
+                 "val_set": val_set}
         point |= measure_edit(t.ema, diffusion, clf, val, quick)
         curve.append(point)
         (state_dir / "curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
