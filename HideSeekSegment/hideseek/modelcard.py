@@ -115,7 +115,9 @@ def _measured_elsewhere(curve: list[dict]) -> set[int]:
     """Indices of the points whose validation set is known and differs from the last point's (points from before
     the set was recorded are left unmarked: unknown is not different)."""
     last = curve[-1].get("val_set")
-    return {i for i, p in enumerate(curve) if last is not None and p.get("val_set") not in (None, last)}
+    if last is None:
+        return set()
+    return {i for i, p in enumerate(curve) if p.get("val_set") not in (None, last)}
 
 
 def _per_type(row: dict) -> str:
