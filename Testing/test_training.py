@@ -236,6 +236,36 @@ def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_re
             in card_md)  # the toy lesions are all blastic
 
 
+def test_a_run_resumes_only_on_slices_normalised_as_it_began_and_an_older_state_records_them(tmp_path):
+    from hideseek.errors import InputError
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import train_bundle
+
+    window = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    curve = Preprocessing(image_size=16, intensity="hu_curve", lower=0, upper=1, curve=((0.5, 0.7),))
+    state = tmp_path / "state"
+
+    def run(prep: Preprocessing, steps: int) -> None:
+        train_bundle(_toy_slice_set(), tmp_path / "bundle", state, _cfg(steps=steps, checkpoint_every=10), prep,
+                     device=torch.device("cpu"), classifier_C=0.01, eval_every=10, overwrite=True, calibrate=False)
+
+    def recorded() -> Preprocessing:
+        return Preprocessing.from_dict(json.loads((state / "state.json").read_text())["config"]["preprocessing"])
+
+    run(window, 10)
+    assert recorded() == window
+    before = (state / "state.json").read_bytes()
+    with pytest.raises(InputError, match=r"intensity 'hu_window' \(now 'hu_curve'\)"):
+        run(curve, 20)
+    assert (state / "state.json").read_bytes() == before
+    # A state written before the record existed resumes with the slices it is given, and records them.
+    meta = json.loads(before)
+    del meta["config"]["preprocessing"]
+    (state / "state.json").write_text(json.dumps(meta))
+    run(curve, 20)
+    assert recorded() == curve
+
+
 def test_snapshots_keep_every_curve_point_and_one_exports_without_touching_the_state(tmp_path):
     """The best learning-curve point is not always the last: it can be exported after the run."""
     from safetensors.torch import load_file
@@ -328,6 +358,9 @@ def test_train_command_resumes_and_its_card_names_every_command(tmp_path, monkey
     card.unlink()
     train.remove("--card")
     train.remove(str(card))
+    assert main([*train, "--steps", "6", "--overwrite", "--intensity", "hu_curve"]) == 2
+    assert "intensity 'hu_window' (now 'hu_curve')" in capsys.readouterr().err  # refused before extracting slices
+    assert (out / "model.json").read_bytes() == before and json.loads((state / "state.json").read_text())["step"] == 4
     assert main([*train, "--steps", "4", "--export-snapshot", "4", "--out", str(tmp_path / "best")]) == 2
     assert "no EMA snapshot of step 4" in capsys.readouterr().err and not (tmp_path / "best").exists()
 

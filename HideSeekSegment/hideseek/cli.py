@@ -239,7 +239,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export-snapshot", type=int, metavar="STEP",
                    help="write the bundle from the snapshot of this learning-curve point instead of training "
                    "(the state is left as it is)")
-    p.add_argument("--intensity", default="hu_window", choices=["hu_window", "percentile"])
+    p.add_argument("--intensity", default="hu_window", choices=["hu_window", "hu_curve", "percentile"],
+                   help="how HU become model intensities: hu_window (-200..1200 HU on a straight line, default), "
+                   "hu_curve (the same span with 0..400 HU stretched, for more lytic contrast), or percentile "
+                   "(per slice, as the published model)")
     p.add_argument("--name", default="hideseek-model", help="model name recorded in the bundle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -251,10 +254,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_train)
 
 
-HU_WINDOW = (-200.0, 1200.0)
-"""Default intensity window of phantom-trained models: soft tissue to dense sclerosis, lesions keep their contrast."""
-
-
 def _extracting(what: str) -> Callable[[int, int], None]:
     """Slice-extraction progress on one stderr line, ended when the last vertebra is done."""
     return lambda i, n: print(f"\rextracting {what}: vertebra {i}/{n}", end="\n" if i == n else "",
@@ -264,8 +263,8 @@ def _extracting(what: str) -> Callable[[int, int], None]:
 def _run_train(args: argparse.Namespace) -> int:
     from .dataset import cached_slice_set
     from .device import resolve_device
-    from .preprocessing import Preprocessing
-    from .training import TrainConfig, train_bundle
+    from .preprocessing import PHANTOM_CURVE, PHANTOM_WINDOW, Preprocessing
+    from .training import TrainConfig, check_resume_preprocessing, train_bundle
 
     if args.lr_decay_from is not None and not 0 <= args.lr_decay_from < args.steps:
         raise InputError(f"--lr-decay-from {args.lr_decay_from} must be a step before --steps {args.steps}")
@@ -279,8 +278,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise InputError(f"--body-weight {args.body_weight} must be a number of at least 1")
     _apply_threads(args)
     card_text = _read_card_text(args.card) if args.card else None
-    prep = Preprocessing(intensity="hu_window", lower=HU_WINDOW[0], upper=HU_WINDOW[1]) \
-        if args.intensity == "hu_window" else Preprocessing()
+    prep = {"hu_window": PHANTOM_WINDOW, "hu_curve": PHANTOM_CURVE}.get(args.intensity, Preprocessing())
+    check_resume_preprocessing(args.state, prep)  # before minutes of slice extraction
     slices = cached_slice_set(args.manifest, prep, args.slices, progress=_extracting("slices"))
     print(f"{len(slices)} slices of {len(slices.names)} vertebrae ({slices.malignant.mean():.0%} malignant)",
           file=sys.stderr)

@@ -20,7 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class TrainConfig:
     """Everything that decides a training run (recorded in the model card)."""
 
     architecture: dict = field(default_factory=dict)  # DAEConfig fields; empty = DEMO_ARCHITECTURE
+    preprocessing: dict = field(default_factory=dict)  # Preprocessing of the slices; empty = not recorded (older)
     steps: int = 20000
     batch_size: int = 16
     lr: float = 2e-4
@@ -444,6 +445,17 @@ def _check_both_classes(slices: SliceSet) -> None:
         )
 
 
+def check_resume_preprocessing(state_dir: str | Path, preprocessing: Preprocessing) -> None:
+    """Refuse to resume a run on slices normalised otherwise than it began: the model would learn another image."""
+    path = Path(state_dir) / "state.json"
+    began = json.loads(path.read_text(encoding="utf-8"))["config"].get("preprocessing") if path.is_file() else None
+    if began and Preprocessing.from_dict(began) != preprocessing:
+        before, given = asdict(Preprocessing.from_dict(began)), asdict(preprocessing)
+        differ = ", ".join(f"{k} {before[k]!r} (now {given[k]!r})" for k in given if given[k] != before[k])
+        raise InputError(f"--state {state_dir}: this run began with other slice preprocessing: {differ}; "
+                         "resume it with the settings it began with (e.g. the same --intensity), or start a new state")
+
+
 def _commands_behind(history: list[dict], step: int, export_command: str | None) -> list[str]:
     """The command of every run that led to the weights of ``step``, each with the step it started from.
 
@@ -557,6 +569,7 @@ def train_bundle(
     not always its best.
     """
     _check_both_classes(slices)
+    check_resume_preprocessing(state_dir, preprocessing)
     state_dir = Path(state_dir)
     if from_snapshot is not None and not (state_dir / "state.json").is_file():
         raise InputError(f"--state {state_dir}: no training state to export a snapshot from")
@@ -570,6 +583,7 @@ def train_bundle(
         trainer = Trainer.resume(state_dir, device, ema_fallback=_bundle_ema(out_dir, state_dir), **changeable)
     else:
         trainer = Trainer(cfg, diffusion, device)
+    trainer.cfg = replace(trainer.cfg, preprocessing=preprocessing.to_dict())  # recorded, also in older states
     if "command" in provenance and from_snapshot is None:  # every run of a training is in its history (card)
         trainer.history.append({"step": trainer.step, "run": provenance["command"]})
     curve: list[dict] = (
