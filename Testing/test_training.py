@@ -273,7 +273,7 @@ def test_snapshots_keep_every_curve_point_and_one_exports_without_touching_the_s
     from hideseek.bundle import load_bundle
     from hideseek.errors import InputError
     from hideseek.preprocessing import Preprocessing
-    from hideseek.training import snapshot_path, train_bundle
+    from hideseek.training import load_snapshot, snapshot_path, train_bundle
 
     prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
     state = tmp_path / "state"
@@ -305,6 +305,21 @@ def test_snapshots_keep_every_curve_point_and_one_exports_without_touching_the_s
         train_bundle(_toy_slice_set(), tmp_path / "none", state, _cfg(steps=20, checkpoint_every=10), prep,
                      device=torch.device("cpu"), from_snapshot=15)
     assert not (tmp_path / "none").exists()
+
+    # A kept point can also be read back as a network with its slice preprocessing, to study the run mid-way.
+    dae, preprocessing = load_snapshot(state, 10)
+    assert preprocessing == prep and not any(p.requires_grad for p in dae.parameters())
+    for name, tensor in dae.state_dict().items():
+        assert torch.equal(tensor, snapshot[name]), name
+    with pytest.raises(InputError, match=r"no EMA snapshot of step 15 .*kept: 10, 20"):
+        load_snapshot(state, 15)
+    meta = json.loads((state / "state.json").read_text())
+    del meta["config"]["preprocessing"]
+    (state / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="does not record how its slices were made"):
+        load_snapshot(state, 10)
+    with pytest.raises(InputError, match="no training state"):
+        load_snapshot(tmp_path / "nowhere", 10)
 
 
 def test_split_keeps_vertebrae_whole():

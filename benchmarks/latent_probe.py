@@ -7,6 +7,10 @@ model's own classifier and of a logistic probe fitted for that group alone (out-
 
     python benchmarks/latent_probe.py --manifest heldout/manifest.csv --cache slices-heldout.npz \
         --json benchmarks/results/latent_probe.json
+
+``--snapshot STATE STEP`` probes a training run mid-way instead (a learning-curve point kept by
+``hideseek train --keep-snapshots``), without exporting a bundle; it has no classifier of its own, so only the
+probe column is filled.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from hideseek.bundle import load_bundle
 from hideseek.classifier import fit_latent_classifier, roc_auc, stratified_folds
 from hideseek.dataset import SliceSet, cached_slice_set
 from hideseek.pipeline import default_model_path
-from hideseek.training import encode_latents
+from hideseek.training import encode_latents, load_snapshot
 
 
 def slice_groups(data: SliceSet) -> dict[str, np.ndarray]:
@@ -49,16 +53,24 @@ def main() -> None:
     parser.add_argument("--manifest", required=True, help="manifest with lesion truth (e.g. a phantom set)")
     parser.add_argument("--cache", help="mid-slice cache (.npz), read when it exists, else written")
     parser.add_argument("--model", help="bundle (default: the bundled demo model)")
+    parser.add_argument("--snapshot", nargs=2, metavar=("STATE", "STEP"),
+                        help="probe the EMA of a training state's kept learning-curve point instead of a bundle")
     parser.add_argument("--C", type=float, default=0.01, help="probe L2 strength (default 0.01, as training)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
-    bundle = load_bundle(args.model or default_model_path())
-    data = cached_slice_set(args.manifest, bundle.preprocessing, args.cache, mode="mid")
-    z = encode_latents(bundle.dae, data.images).double().numpy()
-    p_model = bundle.classifier.probability(torch.from_numpy(z)).numpy()
+    if args.snapshot:
+        dae, preprocessing = load_snapshot(args.snapshot[0], int(args.snapshot[1]))
+        name, version, classifier = str(args.snapshot[0]), args.snapshot[1], None
+    else:
+        bundle = load_bundle(args.model or default_model_path())
+        dae, preprocessing, classifier = bundle.dae, bundle.preprocessing, bundle.classifier
+        name, version = bundle.name, bundle.version
+    data = cached_slice_set(args.manifest, preprocessing, args.cache, mode="mid")
+    z = encode_latents(dae, data.images).double().numpy()
+    p_model = None if classifier is None else classifier.probability(torch.from_numpy(z)).numpy()
     healthy = data.malignant == 0
     rows = {}
     for name, group in slice_groups(data).items():
@@ -67,10 +79,11 @@ def main() -> None:
         enough = min(labels.sum(), (1 - labels).sum()) >= args.folds
         rows[name] = {
             "slices": int(group.sum()),
-            "model classifier auc": round(roc_auc(labels, p_model[keep]), 3) if labels.any() else None,
+            "model classifier auc": round(roc_auc(labels, p_model[keep]), 3)
+            if labels.any() and p_model is not None else None,
             "probe auc": round(probe_auc(z[keep], labels, args.C, args.folds, args.seed), 3) if enough else None,
         }
-    print(f"{bundle.name} v{bundle.version}: {len(data)} slices, {int(healthy.sum())} healthy; "
+    print(f"{name} v{version}: {len(data)} slices, {int(healthy.sum())} healthy; "
           f"probe C = {args.C:g}, {args.folds}-fold")
     print("| slices showing | n | AUC, model's classifier | AUC, probe for this group |")
     print("| --- | --- | --- | --- |")
@@ -79,7 +92,7 @@ def main() -> None:
         print(f"| {name} | {r['slices']} | {cells[0]} | {cells[1]} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": bundle.name, "version": bundle.version, "C": args.C,
+        Path(args.json).write_text(json.dumps({"model": name, "version": version, "C": args.C,
                                                "folds": args.folds, "groups": rows}, indent=1) + "\n",
                                    encoding="utf-8")
 

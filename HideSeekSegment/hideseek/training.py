@@ -424,6 +424,24 @@ def _snapshot_to_export(state_dir: Path, step: int, curve: list[dict]) -> Path:
     return path
 
 
+def load_snapshot(state_dir: str | Path, step: int) -> tuple[DiffusionAutoencoder, Preprocessing]:
+    """The EMA network of one kept learning-curve point and how its slices were made: a run can be studied
+    mid-way (e.g. ``benchmarks/latent_probe.py --snapshot``) without exporting a bundle, which costs a calibration."""
+    state_dir = Path(state_dir)
+    if not (state_dir / "state.json").is_file():
+        raise InputError(f"{state_dir}: no training state (state.json) there")
+    config = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))["config"]
+    curve = json.loads((state_dir / "curve.json").read_text(encoding="utf-8")) if (
+        state_dir / "curve.json").is_file() else []
+    path = _snapshot_to_export(state_dir, step, curve)
+    if not config.get("preprocessing"):
+        raise InputError(f"{state_dir}: the state does not record how its slices were made (written by an older "
+                         "hideseek); export a bundle from it instead (hideseek train --export-snapshot)")
+    model = DiffusionAutoencoder(TrainConfig(**(TrainConfig().to_dict() | config)).dae_config()).eval()
+    model.load_state_dict(load_file(str(path)))
+    return model.requires_grad_(False), Preprocessing.from_dict(config["preprocessing"])
+
+
 def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
     """The bundle's weights when the bundle was written at the state's step: then they are exactly its EMA."""
     try:
