@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,43 @@ def test_slices_are_grouped_by_the_lesion_types_they_show(probe):
     groups = {name: np.flatnonzero(g).tolist() for name, g in probe.slice_groups(data).items()}
     assert groups == {"lytic only": [1], "blastic only": [2], "lytic and blastic": [3],
                       "malignant, no lesion in the slice": [4]}
+
+
+def test_a_training_snapshot_is_probed_by_its_state_and_step_without_a_classifier(probe, monkeypatch, capsys, tmp_path):
+    """The wiring of --snapshot: the state's network and preprocessing are used, the model column stays empty."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    n = 40
+    lesions = np.zeros((n, 4, 4), np.uint8)
+    lesions[20:30, 0, 0], lesions[30:, 0, 0] = 1, 2
+    data = SliceSet(images=np.zeros((n, 4, 4), np.float32), bodies=np.ones((n, 4, 4), bool), lesions=lesions,
+                    mimics=np.zeros((n, 4, 4), np.uint16), malignant=(np.arange(n) >= 20).astype(np.int8),
+                    vertebra=np.arange(n, dtype=np.int32), names=np.array([f"v{i}" for i in range(n)]))
+    z = rng.standard_normal((n, 3))
+    z[:, 0] += 5.0 * (lesions == 2).any(axis=(1, 2))  # the code carries blastic lesions, not lytic ones
+    asked = {}
+
+    def fake_snapshot(state, step):
+        asked["snapshot"] = (state, step)
+        return "dae", "prep"
+
+    def fake_slices(manifest, preprocessing, cache, mode):
+        asked["preprocessing"] = preprocessing
+        return data
+
+    monkeypatch.setattr(probe, "load_snapshot", fake_snapshot)
+    monkeypatch.setattr(probe, "cached_slice_set", fake_slices)
+    monkeypatch.setattr(probe, "encode_latents", lambda dae, images: torch.from_numpy(z))
+    out = tmp_path / "probe.json"
+    monkeypatch.setattr("sys.argv", ["latent_probe.py", "--manifest", "m.csv", "--snapshot", "runs/state", "3000",
+                                     "--json", str(out)])
+    probe.main()
+    assert asked == {"snapshot": ("runs/state", 3000), "preprocessing": "prep"}
+    printed = capsys.readouterr().out
+    assert printed.startswith("runs/state v3000: 40 slices, 20 healthy")
+    result = json.loads(out.read_text())
+    assert (result["model"], result["version"]) == ("runs/state", "3000")
+    groups = result["groups"]
+    assert groups["blastic only"]["probe auc"] > 0.9 and groups["blastic only"]["model classifier auc"] is None
+    assert "| blastic only | 10 | – |" in printed

@@ -63,11 +63,11 @@ def main() -> None:
 
     if args.snapshot:
         dae, preprocessing = load_snapshot(args.snapshot[0], int(args.snapshot[1]))
-        name, version, classifier = str(args.snapshot[0]), args.snapshot[1], None
+        model, version, classifier = str(args.snapshot[0]), args.snapshot[1], None
     else:
         bundle = load_bundle(args.model or default_model_path())
         dae, preprocessing, classifier = bundle.dae, bundle.preprocessing, bundle.classifier
-        name, version = bundle.name, bundle.version
+        model, version = bundle.name, bundle.version
     data = cached_slice_set(args.manifest, preprocessing, args.cache, mode="mid")
     z = encode_latents(dae, data.images).double().numpy()
     p_model = None if classifier is None else classifier.probability(torch.from_numpy(z)).numpy()
@@ -83,7 +83,7 @@ def main() -> None:
             if labels.any() and p_model is not None else None,
             "probe auc": round(probe_auc(z[keep], labels, args.C, args.folds, args.seed), 3) if enough else None,
         }
-    print(f"{name} v{version}: {len(data)} slices, {int(healthy.sum())} healthy; "
+    print(f"{model} v{version}: {len(data)} slices, {int(healthy.sum())} healthy; "
           f"probe C = {args.C:g}, {args.folds}-fold")
     print("| slices showing | n | AUC, model's classifier | AUC, probe for this group |")
     print("| --- | --- | --- | --- |")
@@ -92,7 +92,7 @@ def main() -> None:
         print(f"| {name} | {r['slices']} | {cells[0]} | {cells[1]} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": name, "version": version, "C": args.C,
+        Path(args.json).write_text(json.dumps({"model": model, "version": version, "C": args.C,
                                                "folds": args.folds, "groups": rows}, indent=1) + "\n",
                                    encoding="utf-8")
 

@@ -83,15 +83,15 @@ class Preprocessing:
         x = np.asarray(slices, dtype=np.float32)
         if self.intensity == "hu_curve":
             out = self._map_curve(x)
-            return np.clip(out, 0.0, 1.0) if self.clip else out
-        if self.intensity == "hu_window":
-            lo = np.float32(self.lower)
-            hi = np.float32(self.upper)
         else:
-            flat = x.reshape(*x.shape[:-2], -1)
-            lo = np.percentile(flat, self.lower, axis=-1).astype(np.float32)[..., None, None]
-            hi = np.percentile(flat, self.upper, axis=-1).astype(np.float32)[..., None, None]
-        out = (x - lo) / np.maximum(hi - lo, np.float32(1e-6))
+            if self.intensity == "hu_window":
+                lo = np.float32(self.lower)
+                hi = np.float32(self.upper)
+            else:
+                flat = x.reshape(*x.shape[:-2], -1)
+                lo = np.percentile(flat, self.lower, axis=-1).astype(np.float32)[..., None, None]
+                hi = np.percentile(flat, self.upper, axis=-1).astype(np.float32)[..., None, None]
+            out = (x - lo) / np.maximum(hi - lo, np.float32(1e-6))
         return np.clip(out, 0.0, 1.0) if self.clip else out
 
     def _map_curve(self, x: np.ndarray) -> np.ndarray:

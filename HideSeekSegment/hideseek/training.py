@@ -424,13 +424,20 @@ def _snapshot_to_export(state_dir: Path, step: int, curve: list[dict]) -> Path:
     return path
 
 
+def _state_meta(state_dir: str | Path) -> dict | None:
+    """A training state's state.json (step, config, history), or None where there is no state."""
+    path = Path(state_dir) / "state.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def load_snapshot(state_dir: str | Path, step: int) -> tuple[DiffusionAutoencoder, Preprocessing]:
     """The EMA network of one kept learning-curve point and how its slices were made: a run can be studied
     mid-way (e.g. ``benchmarks/latent_probe.py --snapshot``) without exporting a bundle, which costs a calibration."""
     state_dir = Path(state_dir)
-    if not (state_dir / "state.json").is_file():
+    meta = _state_meta(state_dir)
+    if meta is None:
         raise InputError(f"{state_dir}: no training state (state.json) there")
-    config = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))["config"]
+    config = meta["config"]
     curve = json.loads((state_dir / "curve.json").read_text(encoding="utf-8")) if (
         state_dir / "curve.json").is_file() else []
     path = _snapshot_to_export(state_dir, step, curve)
@@ -448,7 +455,7 @@ def _bundle_ema(out_dir: str | Path, state_dir: Path) -> Path | None:
         manifest = read_bundle_manifest(out_dir)
     except BundleError:
         return None
-    step = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))["step"]
+    step = _state_meta(state_dir)["step"]
     weights = Path(out_dir) / manifest["weights"]["file"]
     return weights if manifest["version"] == str(step) and weights.is_file() else None
 
@@ -465,8 +472,8 @@ def _check_both_classes(slices: SliceSet) -> None:
 
 def check_resume_preprocessing(state_dir: str | Path, preprocessing: Preprocessing) -> None:
     """Refuse to resume a run on slices normalised otherwise than it began: the model would learn another image."""
-    path = Path(state_dir) / "state.json"
-    began = json.loads(path.read_text(encoding="utf-8"))["config"].get("preprocessing") if path.is_file() else None
+    meta = _state_meta(state_dir)
+    began = meta["config"].get("preprocessing") if meta else None
     if began and Preprocessing.from_dict(began) != preprocessing:
         before, given = asdict(Preprocessing.from_dict(began)), asdict(preprocessing)
         differ = ", ".join(f"{k} {before[k]!r} (now {given[k]!r})" for k in given if given[k] != before[k])
