@@ -430,6 +430,12 @@ def _state_meta(state_dir: str | Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _state_curve(state_dir: Path) -> list[dict]:
+    """The learning curve a state has measured so far (empty before its first point)."""
+    path = state_dir / "curve.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
 def load_snapshot(state_dir: str | Path, step: int) -> tuple[DiffusionAutoencoder, Preprocessing]:
     """The EMA network of one kept learning-curve point and how its slices were made: a run can be studied
     mid-way (e.g. ``benchmarks/latent_probe.py --snapshot``) without exporting a bundle, which costs a calibration."""
@@ -438,9 +444,7 @@ def load_snapshot(state_dir: str | Path, step: int) -> tuple[DiffusionAutoencode
     if meta is None:
         raise InputError(f"{state_dir}: no training state (state.json) there")
     config = meta["config"]
-    curve = json.loads((state_dir / "curve.json").read_text(encoding="utf-8")) if (
-        state_dir / "curve.json").is_file() else []
-    path = _snapshot_to_export(state_dir, step, curve)
+    path = _snapshot_to_export(state_dir, step, _state_curve(state_dir))
     if not config.get("preprocessing"):
         raise InputError(f"{state_dir}: the state does not record how its slices were made (written by an older "
                          "hideseek); export a bundle from it instead (hideseek train --export-snapshot)")
@@ -611,11 +615,7 @@ def train_bundle(
     trainer.cfg = replace(trainer.cfg, preprocessing=preprocessing.to_dict())  # recorded, also in older states
     if "command" in provenance and from_snapshot is None:  # every run of a training is in its history (card)
         trainer.history.append({"step": trainer.step, "run": provenance["command"]})
-    curve: list[dict] = (
-        json.loads((state_dir / "curve.json").read_text(encoding="utf-8"))
-        if (state_dir / "curve.json").is_file()
-        else []
-    )
+    curve = _state_curve(state_dir)
     quick = settings_for("fast", encode_steps=20, decode_steps=20)
     val_set = val.vertebra_fingerprint()  # a run resumed on other data measures on other vertebrae (model card)
 
