@@ -477,9 +477,10 @@ def _check_both_classes(slices: SliceSet) -> None:
 def check_resume_preprocessing(state_dir: str | Path, preprocessing: Preprocessing) -> None:
     """Refuse to resume a run on slices normalised otherwise than it began: the model would learn another image."""
     meta = _state_meta(state_dir)
-    began = meta["config"].get("preprocessing") if meta else None
-    if began and Preprocessing.from_dict(began) != preprocessing:
-        before, given = asdict(Preprocessing.from_dict(began)), asdict(preprocessing)
+    recorded = meta["config"].get("preprocessing") if meta else None
+    began = Preprocessing.from_dict(recorded) if recorded else None
+    if began is not None and began != preprocessing:
+        before, given = asdict(began), asdict(preprocessing)
         differ = ", ".join(f"{k} {before[k]!r} (now {given[k]!r})" for k in given if given[k] != before[k])
         raise InputError(f"--state {state_dir}: this run began with other slice preprocessing: {differ}; "
                          "resume it with the settings it began with (e.g. the same --intensity), or start a new state")
