@@ -121,3 +121,27 @@ def test_manifest_errors_are_specific(tmp_path):
     bad = _write_manifest(tmp_path / "m2.csv", [{"ct": "a", "vertebrae": "b", "label": 1, "malignant": "yes"}])
     with pytest.raises(InputError, match="0 or 1"):
         read_manifest(bad)
+
+
+def test_lesion_sample_alternates_types_and_spreads_over_vertebrae():
+    """The first slices with lesions in set order can all be one vertebra's; the sample takes each vertebra's
+    best slice of each type before anyone's second, alternating lytic and blastic."""
+    n_vertebrae, per = 6, 5
+    n = n_vertebrae * per
+    lesions = np.zeros((n, 8, 8), np.uint8)
+    vertebra = np.repeat(np.arange(n_vertebrae), per).astype(np.int32)
+    lesions[0:5, :2, :2] = 1  # vertebra 0: lytic in all five slices, the most in slice 2
+    lesions[2, :3, :3] = 1
+    lesions[5:10, 4:6, 4:6] = 2  # vertebra 1: blastic in all five, the most in slice 8
+    lesions[8, 4:7, 4:7] = 2
+    lesions[12, :2, :2] = 1  # vertebra 2: one lytic slice that also holds a blastic lesion
+    lesions[12, 5:7, 5:7] = 2
+    lesions[26, 5:7, 5:7] = 2  # vertebra 5: one blastic slice
+    data = SliceSet(images=np.zeros((n, 8, 8), np.float32), bodies=np.ones((n, 8, 8), bool), lesions=lesions,
+                    mimics=np.zeros((n, 8, 8), np.uint16), malignant=np.ones(n, np.int8), vertebra=vertebra,
+                    names=np.array([f"v{i}" for i in range(n_vertebrae)]))
+    assert data.lesion_sample(3).tolist() == [2, 8, 12]  # best lytic of v0, best blastic of v1, then v2's slice
+    assert data.lesion_sample(4).tolist() == [2, 8, 12, 26]  # slice 12 serves both types once
+    assert set(data.lesion_sample(6)) == {2, 8, 12, 26, 0, 5}  # then the second slice of each vertebra
+    assert data.lesion_sample(100).tolist() == np.flatnonzero(lesions.any(axis=(1, 2))).tolist()
+    assert data.subset(np.arange(20, 25)).lesion_sample(8).size == 0  # no lesions: an empty sample

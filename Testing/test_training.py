@@ -155,8 +155,9 @@ def _toy_slice_set(n_vertebrae=8, per=4):
 
 def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     from hideseek.bundle import load_bundle
+    from hideseek.modelcard import write_model_card
     from hideseek.preprocessing import Preprocessing
-    from hideseek.training import train_bundle
+    from hideseek.training import EDIT_SLICES, train_bundle
 
     prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
     out = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=40), prep,
@@ -193,6 +194,15 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert "by the best lesion F1 of candidate tuning" in card_md
     assert "gate_probability" in tuning["chosen"]
     assert "†" not in card_md  # every point was measured on the same validation vertebrae
+    assert "‡" not in card_md and {p["edit_slices"] for p in curve} == {EDIT_SLICES}
+    # Points from before the edit slices were drawn by type and vertebra are marked as such.
+    manifest = json.loads((out2 / "model.json").read_text(encoding="utf-8"))
+    for point in manifest["card"]["metrics"]["learning_curve"][:2]:
+        del point["edit_slices"]
+    write_model_card(tmp_path, manifest)
+    old_card = (tmp_path / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "| 20 ‡ |" in old_card and "| 40 ‡ |" in old_card and "| 50 |" in old_card
+    assert "‡ edit measured on the first 32 validation slices with lesions" in old_card
     # A resume on other vertebrae marks the points measured on the old validation set.
     other = dataclasses.replace(_toy_slice_set(), names=np.array([f"w{i}" for i in range(8)]))
     out3 = train_bundle(other, tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,

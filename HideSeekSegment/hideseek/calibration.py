@@ -26,6 +26,7 @@ import torch
 
 from .attribution import BLASTIC, LESION_TYPES, LYTIC, HideAndSeek
 from .classifier import LatentClassifier
+from .dataset import SliceSet
 from .metrics import (
     edit_efficacy,
     flagged_per_slice,
@@ -72,19 +73,19 @@ def calibrate_edit(
     model: DiffusionAutoencoder,
     diffusion: DiffusionConfig,
     classifiers: dict[float, LatentClassifier],
-    images: np.ndarray,
-    lesions: np.ndarray,
-    bodies: np.ndarray,
+    val: SliceSet,
     *,
     scales: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0),
     target_probability: float = 1e-5,
     steps: int = 20,
     max_slices: int = 32,
 ) -> Calibration:
-    """Measure every (C, scale) on up to ``max_slices`` slices with lesions and shortlist them (see module doc)."""
-    has = np.flatnonzero((lesions > 0).any(axis=(1, 2)))[:max_slices]
+    """Measure every (C, scale) on up to ``max_slices`` slices with lesions, drawn by lesion type and vertebra
+    (``SliceSet.lesion_sample``), and shortlist them (see module doc)."""
+    has = val.lesion_sample(max_slices)
     if has.size == 0:
         raise ValueError("calibration needs validation slices with true lesions")
+    images, lesions, bodies = val.images, val.lesions, val.bodies
     device = next(model.parameters()).device
     x = torch.from_numpy(np.asarray(images[has], np.float32))[:, None].to(device)
     sampler = DDIMSampler(diffusion, steps)

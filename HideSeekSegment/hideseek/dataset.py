@@ -59,6 +59,26 @@ class SliceSet:
         per_vertebra = [np.flatnonzero(self.vertebra == v) for v in np.unique(self.vertebra)]
         return np.array([ix[len(ix) // 2] for ix in per_vertebra], dtype=int)
 
+    def lesion_sample(self, max_slices: int) -> np.ndarray:
+        """Up to ``max_slices`` slices with lesions (indices in set order), alternating lesion types and spread over
+        vertebrae: each vertebra's slice with the most lesion of a type first, then its second, and so on.
+
+        The first slices with lesions in set order came from a handful of vertebrae (6 lytic slices of one vertebra
+        among the first 32 of the demo model's validation set), which made a per-type efficacy one vertebra's."""
+        keys = []  # (rank within its vertebra, place among the vertebrae of that rank, type, slice)
+        for kind_index, kind in enumerate(np.unique(self.lesions[self.lesions > 0])):
+            area = (self.lesions == kind).sum(axis=(1, 2))
+            rows = np.flatnonzero(area)
+            rows = rows[np.lexsort((-area[rows], self.vertebra[rows]))]  # by vertebra, most lesion first
+            _, first, count = np.unique(self.vertebra[rows], return_index=True, return_counts=True)
+            rank = np.arange(rows.size) - np.repeat(first, count)  # 0 for a vertebra's best slice of this type
+            place = np.zeros(rows.size, int)
+            for r in np.unique(rank):
+                place[rank == r] = np.arange((rank == r).sum())
+            keys += zip(rank.tolist(), place.tolist(), [kind_index] * rows.size, rows.tolist(), strict=True)
+        picked = list(dict.fromkeys(row for *_, row in sorted(keys)))[:max_slices]
+        return np.array(sorted(picked), dtype=int)
+
     def save(self, path: str | Path, made_with: str | None = None) -> Path:
         """Write the set as one ``.npz``; ``made_with`` records how it was extracted (see ``cached_slice_set``).
 

@@ -62,8 +62,10 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         elsewhere = _measured_elsewhere(curve)
+        first_slices = _first_slices_before(curve)
         lines += [
-            f"| {p['step']}{' †' if i in elsewhere else ''} | {p['elapsed_s'] / 3600:.2f} | "
+            f"| {p['step']}{' †' if i in elsewhere else ''}{' ‡' if i in first_slices else ''} | "
+            f"{p['elapsed_s'] / 3600:.2f} | "
             f"{p.get('val_auc', float('nan')):.3f} | {p.get('efficacy', float('nan')):.3f} | {_per_type(p)} | "
             f"{p.get('outside_ratio', float('nan')):.2f} | {p.get('p_reencoded_edit', float('nan')):.3f} |"
             for i, p in enumerate(curve)
@@ -71,6 +73,10 @@ def write_model_card(folder: Path, manifest: dict) -> None:
         if elsewhere:
             lines += ["", "† measured on other validation vertebrae than the last point (a run resumed on other "
                       "data): compare these points with each other, not with the rest."]
+        if first_slices:
+            lines += ["", "‡ edit measured on the first 32 validation slices with lesions, which come from a few "
+                      "vertebrae (the lytic column often from one); later points draw them by lesion type and "
+                      "vertebra: compare these points with each other, not with the rest."]
         _plot_curve(curve, folder / CURVE_FILE)
     calibration = card.get("metrics", {}).get("edit_calibration")
     if calibration:
@@ -118,6 +124,14 @@ def _measured_elsewhere(curve: list[dict]) -> set[int]:
     if last is None:
         return set()
     return {i for i, p in enumerate(curve) if p.get("val_set") not in (None, last)}
+
+
+def _first_slices_before(curve: list[dict]) -> set[int]:
+    """Indices of the points that measured the edit on the first validation slices with lesions (no
+    ``edit_slices`` record), where the last point drew its slices by type and vertebra."""
+    if "edit_slices" not in curve[-1]:
+        return set()
+    return {i for i, p in enumerate(curve) if "efficacy" in p and "edit_slices" not in p}
 
 
 def _per_type(row: dict) -> str:

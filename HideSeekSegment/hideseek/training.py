@@ -403,6 +403,10 @@ WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors
 HEAD_PREFIX = "label_head."
 """The label head's tensors in the weights file, beside the DAE's (the bundle never holds them)."""
 
+EDIT_SLICES = "by type and vertebra"
+"""How ``measure_edit`` picks its slices, recorded in each learning-curve point (older points took the first 32
+validation slices with lesions; the model card marks them)."""
+
 SNAPSHOT_DIR = "snapshots"
 """Optional EMA copies, one per learning-curve point, so the best point of a run can be exported after it."""
 
@@ -545,8 +549,9 @@ def measure_edit(
     settings: AttributionSettings,
     max_slices: int = 32,
 ) -> dict[str, float]:
-    """Edit efficacy on validation slices that carry true lesions (the number to watch while training)."""
-    has = np.flatnonzero((val.lesions > 0).any(axis=(1, 2)))[:max_slices]
+    """Edit efficacy on validation slices that carry true lesions (the number to watch while training), drawn by
+    lesion type and vertebra (``SliceSet.lesion_sample``; ``edit_slices`` in the result says so)."""
+    has = val.lesion_sample(max_slices)
     if has.size == 0:
         return {}
     method = HideAndSeek(model, diffusion, classifier, settings)
@@ -557,7 +562,7 @@ def measure_edit(
     z_edit = encode_latents(model, edit.astype(np.float32))
     out["p_reencoded_edit"] = float(classifier.probability(z_edit).mean())
     out["slices"] = int(has.size)
-    return json_measurements(out)
+    return json_measurements(out) | {"edit_slices": EDIT_SLICES}
 
 
 def fit_classifier(model: DiffusionAutoencoder, data: SliceSet, *, C: float | None, seed: int,
@@ -655,7 +660,7 @@ def train_bundle(
         fits = {fit_info["C"]: (classifier, fit_info),
                 stronger: fit_classifier(trainer.ema, train, C=stronger, seed=cfg.seed, z=z_train)}
         classifiers = {C: f[0] for C, f in fits.items()}
-        cal = calibrate_edit(trainer.ema, diffusion, classifiers, val.images, val.lesions, val.bodies)
+        cal = calibrate_edit(trainer.ema, diffusion, classifiers, val)
         C, scale = cal.shortlist[0]
         chosen = {"edit_step_scale": scale}
         calibration = {"table": cal.table, "shortlist": [{"C": c, "step_scale": k} for c, k in cal.shortlist]}
