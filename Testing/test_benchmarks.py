@@ -83,3 +83,20 @@ def test_a_training_snapshot_is_probed_by_its_state_and_step_without_a_classifie
     groups = result["groups"]
     assert groups["blastic only"]["probe auc"] > 0.9 and groups["blastic only"]["model classifier auc"] is None
     assert "| blastic only | 10 | – |" in printed
+
+
+@pytest.mark.parametrize("step", ["3k", "-1"])
+def test_a_snapshot_step_that_is_not_a_whole_number_is_refused_clearly(probe, monkeypatch, capsys, step):
+    monkeypatch.setattr(probe, "load_snapshot", lambda state, step: pytest.fail("nothing is loaded"))
+    monkeypatch.setattr("sys.argv", ["latent_probe.py", "--manifest", "m.csv", "--snapshot", "runs/state", step])
+    with pytest.raises(SystemExit) as exit_info:
+        probe.main()
+    assert exit_info.value.code == 2
+    assert f"the step is a whole number (e.g. 3000), not '{step}'" in capsys.readouterr().err
+
+
+def test_a_snapshot_the_state_does_not_have_is_refused_without_a_traceback(probe, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("sys.argv", ["latent_probe.py", "--manifest", "m.csv", "--snapshot", str(tmp_path), "3000"])
+    with pytest.raises(SystemExit) as exit_info:
+        probe.main()
+    assert exit_info.value.code == 2 and "no training state (state.json) there" in capsys.readouterr().err

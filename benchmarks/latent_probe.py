@@ -25,6 +25,7 @@ import torch
 from hideseek.bundle import load_bundle
 from hideseek.classifier import fit_latent_classifier, roc_auc, stratified_folds
 from hideseek.dataset import SliceSet, cached_slice_set
+from hideseek.errors import InputError
 from hideseek.pipeline import default_model_path
 from hideseek.training import encode_latents, load_snapshot
 
@@ -62,7 +63,12 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.snapshot:
-        dae, preprocessing = load_snapshot(args.snapshot[0], int(args.snapshot[1]))
+        if not args.snapshot[1].isdigit():
+            parser.error(f"--snapshot STATE STEP: the step is a whole number (e.g. 3000), not {args.snapshot[1]!r}")
+        try:
+            dae, preprocessing = load_snapshot(args.snapshot[0], int(args.snapshot[1]))
+        except InputError as err:
+            parser.error(str(err))
         model, version, classifier = str(args.snapshot[0]), args.snapshot[1], None
     else:
         bundle = load_bundle(args.model or default_model_path())
