@@ -212,6 +212,26 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert "† measured on other validation vertebrae than the last point" in card_md
 
 
+def test_a_run_stopped_by_its_budget_is_measured_where_it_stopped_and_a_zero_budget_measures_nothing(tmp_path):
+    """The last step of a budget-stopped run is what gets exported: the curve and the snapshots end there."""
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import snapshot_path, train_bundle
+
+    prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    state = tmp_path / "state"
+
+    def run(budget_s: float) -> list[int]:
+        train_bundle(_toy_slice_set(), tmp_path / "bundle", state, _cfg(steps=10_000), prep,
+                     device=torch.device("cpu"), classifier_C=0.01, time_budget_s=budget_s, eval_every=5000,
+                     keep_snapshots=True, overwrite=True, calibrate=False)
+        return [p["step"] for p in json.loads((state / "curve.json").read_text())]
+
+    steps = run(1.0)
+    stopped = json.loads((state / "state.json").read_text())["step"]
+    assert 0 < stopped < 5000 and steps == [stopped] and snapshot_path(state, stopped).is_file()
+    assert run(0) == [stopped]  # a re-export adds no point
+
+
 def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_reexports(tmp_path):
     """What travels between sessions is weights + state.json (+ the bundle): the rest is rebuilt."""
     from hideseek.bundle import load_bundle

@@ -232,7 +232,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-weight", type=float, default=1.0,
                    help="weight of the denoising error inside the vertebral body against a pixel outside it "
                    "(>= 1; default 1: every pixel alike), so that z spends more of itself on the bone")
-    p.add_argument("--eval-every", type=int, default=1000, help="steps between learning-curve points")
+    p.add_argument("--eval-every", type=int, default=1000,
+                   help="steps between learning-curve points (the step a run stops at gets one too)")
     p.add_argument("--keep-snapshots", action="store_true",
                    help="also keep the EMA weights of every learning-curve point in STATE/snapshots/ (one weights "
                    "file each, not needed to resume), so the best point can be exported later")

@@ -181,7 +181,7 @@ def _measured(metrics: dict, step: int | str) -> list[str]:
     """One line with where the model stands against the edit targets, read from its own metrics.
 
     The calibration ran on the exported weights (``step``); the AUC comes from the last learning-curve point,
-    which a run stopped by its time budget may have passed.
+    which a run stopped by its time budget before such runs got a point of their own may have passed.
     """
     curve, calibration = metrics.get("learning_curve", []), metrics.get("edit_calibration")
     if not curve or not calibration:

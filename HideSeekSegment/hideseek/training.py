@@ -243,10 +243,13 @@ class Trainer:
         time_budget_s: float | None = None,
         progress: TrainProgress | None = None,
         on_checkpoint: Callable[[Trainer], None] | None = None,
+        on_stop: Callable[[Trainer], None] | None = None,
     ) -> None:
         """Train on ``images`` (N, H, W) in the model's intensity range until ``cfg.steps`` or the budget;
         ``labels`` (N,) 0/1 are each slice's vertebra label, needed when ``cfg.label_weight`` > 0; ``bodies``
-        (N, H, W) bool its vertebral body, needed when ``cfg.body_weight`` != 1."""
+        (N, H, W) bool its vertebral body, needed when ``cfg.body_weight`` != 1. ``on_checkpoint`` follows
+        every saved checkpoint; ``on_stop`` follows the last save of a run that trained at least one step, so
+        that where a run stopped (its steps or its budget spent) can be measured."""
         data = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
         if self.cfg.label_weight and (labels is None or len(labels) != len(data)):
             raise ValueError("label_weight > 0 needs one vertebra-level label per slice")
@@ -298,8 +301,8 @@ class Trainer:
         self._bank_time(start)
         if state_dir is not None:
             self.save_state(state_dir)
-            if on_checkpoint is not None and self.step % self.cfg.checkpoint_every:
-                on_checkpoint(self)  # a last step between checkpoints still gets its learning-curve point
+        if on_stop is not None and session_steps:
+            on_stop(self)
 
     def _bank_time(self, start: float) -> None:
         self.elapsed_s += time.monotonic() - start
@@ -625,8 +628,9 @@ def train_bundle(
     quick = settings_for("fast", encode_steps=20, decode_steps=20)
     val_set = val.vertebra_fingerprint()  # a run resumed on other data measures on other vertebrae (model card)
 
-    def evaluate(t: Trainer) -> None:
-        if t.step % eval_every and t.step != t.cfg.steps:
+    def evaluate(t: Trainer, last: bool = False) -> None:
+        """A learning-curve point every ``eval_every`` steps and where the run stops, once per step."""
+        if (t.step % eval_every and t.step != t.cfg.steps and not last) or (curve and curve[-1]["step"] == t.step):
             return
         clf, info = fit_classifier(t.ema, train, C=classifier_C, seed=cfg.seed)
         val_auc = roc_auc(val.malignant, clf.probability(encode_latents(t.ema, val.images).double()).numpy())
@@ -644,7 +648,7 @@ def train_bundle(
     if from_snapshot is None:
         trainer.run(
             train.images, train.malignant, train.bodies, state_dir=state_dir, time_budget_s=time_budget_s,
-            progress=progress, on_checkpoint=evaluate,
+            progress=progress, on_checkpoint=evaluate, on_stop=lambda t: evaluate(t, last=True),
         )
         step, elapsed_s = trainer.step, trainer.elapsed_s
     else:
