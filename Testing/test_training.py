@@ -160,9 +160,15 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     from hideseek.training import EDIT_SLICES, train_bundle
 
     prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    records = []
     out = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=40), prep,
-                       device=torch.device("cpu"), classifier_C=0.01, eval_every=20, name="toy")
+                       device=torch.device("cpu"), classifier_C=0.01, eval_every=20, name="toy",
+                       progress=records.append)
     bundle = load_bundle(out)
+    # The minutes between the last step and the bundle are reported phase by phase, after the training records.
+    phases = [r["export"] for r in records if "export" in r]
+    assert [p.split()[0] for p in phases] == ["encoding", "calibrating", "tuning"]
+    assert "export" not in records[0] and "export" in records[-1] and "3 shortlisted edits" in phases[-1]
     card = bundle.card
     assert card["training"]["steps"] == 40 and bundle.manifest["name"] == "toy"
     curve = card["metrics"]["learning_curve"]

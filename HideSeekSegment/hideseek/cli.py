@@ -292,6 +292,8 @@ def _run_train(args: argparse.Namespace) -> int:
     def report(record: dict) -> None:
         if "eval" in record:
             print(f"\n  eval {json.dumps(record['eval'])}", file=sys.stderr, flush=True)
+        elif "export" in record:
+            print(f"\nexport: {record['export']}", file=sys.stderr, flush=True)
         else:
             eta = record["eta_s"]
             label = f"label loss {record['label_loss']:.3f}  " if "label_loss" in record else ""

@@ -655,6 +655,12 @@ def train_bundle(
         trainer.ema.load_state_dict(load_file(str(_snapshot_to_export(state_dir, from_snapshot, curve))))
         curve = [point for point in curve if point["step"] <= from_snapshot]
         step, elapsed_s = from_snapshot, curve[-1]["elapsed_s"]
+    def phase(text: str) -> None:
+        """The export runs for minutes (tens of them on a CPU) between training and the bundle: say what it does."""
+        if progress is not None:
+            progress({"export": text})
+
+    phase(f"encoding {len(train)} training slices and fitting the latent classifier")
     z_train = encode_latents(trainer.ema, train.images).double().numpy()
     classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed, z=z_train)
     method: dict = {"default_preset": "fast"}
@@ -664,6 +670,7 @@ def train_bundle(
         fits = {fit_info["C"]: (classifier, fit_info),
                 stronger: fit_classifier(trainer.ema, train, C=stronger, seed=cfg.seed, z=z_train)}
         classifiers = {C: f[0] for C, f in fits.items()}
+        phase("calibrating the edit strength on validation lesions")
         cal = calibrate_edit(trainer.ema, diffusion, classifiers, val)
         C, scale = cal.shortlist[0]
         chosen = {"edit_step_scale": scale}
@@ -672,6 +679,7 @@ def train_bundle(
         if (mid.lesions > 0).any():
             # Each shortlisted edit gets its own candidate tuning; the best F1 (then fewest mimics) wins, ties
             # going to the earlier, more lesion-specific edit.
+            phase(f"tuning the candidates of {len(cal.shortlist)} shortlisted edits on {len(mid)} validation slices")
             tunings = {(c, k): tune_candidates(HideAndSeek(trainer.ema, diffusion, classifiers[c],
                                                            settings_for("fast", edit_step_scale=k)),
                                                mid.images, mid.bodies, mid.lesions, mid.mimics)
