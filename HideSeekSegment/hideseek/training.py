@@ -655,6 +655,7 @@ def train_bundle(
         trainer.ema.load_state_dict(load_file(str(_snapshot_to_export(state_dir, from_snapshot, curve))))
         curve = [point for point in curve if point["step"] <= from_snapshot]
         step, elapsed_s = from_snapshot, curve[-1]["elapsed_s"]
+
     def phase(text: str) -> None:
         """The export runs for minutes (tens of them on a CPU) between training and the bundle: say what it does."""
         if progress is not None:
