@@ -246,8 +246,11 @@ def test_edit_then_seek_is_the_run_and_tuning_reproduces_its_choice(tiny, classi
     grid = {"body_margin_px": (0, 2), "min_change": (0.0, 0.05), "candidate_quantile": (0.5,)}
     mimics = np.zeros(img.shape, np.uint16)
     mimics[0][body[0]] = 1  # slice 0 has no lesion: any candidate on it flags this benign "mimic"
-    tuning = tune_candidates(method, img, body, truth, mimics, grid=grid, thresholds=(0.5, 0.0), gates=(None,))
+    ticks = []
+    tuning = tune_candidates(method, img, body, truth, mimics, grid=grid, thresholds=(0.5, 0.0), gates=(None,),
+                             progress=lambda done, total: ticks.append((done, total)))
     assert len(tuning.table) == 2 * 2 * 2 and tuning.slices == 4
+    assert ticks == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one tick per grid setting
     assert tuning.table[0]["f1"] == tuning.f1 == max(r["f1"] for r in tuning.table)
     ranks = [(-r["f1"], r["mimic_fp"]) for r in tuning.table]
     assert ranks == sorted(ranks)  # F1 first, then the fewest mimics flagged

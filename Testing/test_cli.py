@@ -149,3 +149,16 @@ def test_existing_output_is_never_overwritten_without_asking(ts, toy_bundle, tmp
     assert (out / "mine.txt").read_text(encoding="utf-8") == "precious"
     assert _segment(*ts, out, "--overwrite", "--quiet", model=toy_bundle) == 0
     assert (out / "report.json").is_file() and not (out / "mine.txt").exists()
+
+
+def test_train_progress_redraws_steps_and_tuning_and_adds_a_line_per_phase(capsys):
+    from hideseek.cli import _print_training
+
+    _print_training({"step": 25, "steps": 100, "loss": 0.01, "eta_s": 3700.0})
+    _print_training({"export": "tuning the candidates of 3 shortlisted edits on 9 validation slices"})
+    _print_training({"export": "tuning", "done": 1, "total": 270, "eta_s": 1500.0})
+    _print_training({"export": "tuning", "done": 2, "total": 270, "eta_s": 1490.0})
+    err = capsys.readouterr().err
+    assert err == ("\rstep 25/100  loss 0.0100  ETA 1:01h  "
+                   "\nexport: tuning the candidates of 3 shortlisted edits on 9 validation slices\n"
+                   "\r  candidate settings 1/270  ETA 0:25h  \r  candidate settings 2/270  ETA 0:24h  ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 import numpy as np
@@ -155,6 +156,7 @@ def _toy_slice_set(n_vertebrae=8, per=4):
 
 def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     from hideseek.bundle import load_bundle
+    from hideseek.calibration import CANDIDATE_GRID
     from hideseek.modelcard import write_model_card
     from hideseek.preprocessing import Preprocessing
     from hideseek.training import EDIT_SLICES, train_bundle
@@ -166,9 +168,14 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
                        progress=records.append)
     bundle = load_bundle(out)
     # The minutes between the last step and the bundle are reported phase by phase, after the training records.
-    phases = [r["export"] for r in records if "export" in r]
+    phases = [r["export"] for r in records if "export" in r and "done" not in r]
     assert [p.split()[0] for p in phases] == ["encoding", "calibrating", "tuning"]
-    assert "export" not in records[0] and "export" in records[-1] and "3 shortlisted edits" in phases[-1]
+    assert "export" not in records[0] and "3 shortlisted edits" in phases[-1]
+    # Within the tuning, every candidate setting of every shortlisted edit is counted, with an ETA.
+    tuned = records[records.index({"export": phases[-1]}) + 1:]
+    settings = math.prod(len(values) for values in CANDIDATE_GRID.values())
+    assert [(r["done"], r["total"]) for r in tuned] == [(i, 3 * settings) for i in range(1, 3 * settings + 1)]
+    assert all(r["eta_s"] >= 0 for r in tuned) and tuned[-1]["eta_s"] == 0
     card = bundle.card
     assert card["training"]["steps"] == 40 and bundle.manifest["name"] == "toy"
     curve = card["metrics"]["learning_curve"]

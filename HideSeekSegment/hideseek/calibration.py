@@ -19,6 +19,7 @@ trained on vertebra labels alone keeps the published defaults.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,9 +139,12 @@ def tune_candidates(
     thresholds: tuple[float, ...] = DELTA_THRESHOLDS,
     gates: tuple[float | None, ...] = GATE_PROBABILITIES,
     min_lesion_px: int = 5,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CandidateTuning:
     """Best mean lesion F1 (IoU >= 0.1) over ``grid`` × ``thresholds`` × ``gates`` on slices with truth, ties going
-    to the lowest share of ``mimics`` instances flagged (see module doc). The method's own gate must be off."""
+    to the lowest share of ``mimics`` instances flagged (see module doc). The method's own gate must be off.
+    ``progress(done, total)`` follows the grid settings, each one hide-and-seek pass over the slices: the tuning
+    is the longest phase of an export."""
     if method.settings.gate_probability is not None:
         raise ValueError("candidate tuning chooses the gate itself: run it with gate_probability None")
     if not (lesions > 0).any():
@@ -150,7 +154,8 @@ def tune_candidates(
     # As HideAndSeek.edit: a slice at or below the gate is not edited, so it has no candidates.
     searched = {gate: (edits.p_malignant > (gate or 0.0))[:, None, None] for gate in gates}
     table = []
-    for values in itertools.product(*grid.values()):
+    settings = list(itertools.product(*grid.values()))
+    for done, values in enumerate(settings, 1):
         overrides = dict(zip(grid, values, strict=True))
         seeker = HideAndSeek(method.dae, method.diffusion, method.classifier,
                              method.settings.with_overrides(**overrides))
@@ -164,6 +169,8 @@ def tune_candidates(
                 if with_mimics:
                     row["mimic_fp"] = round(mimic_fp_rate(flagged_per_slice(maps, mimics)), 4)
                 table.append(row)
+        if progress is not None:
+            progress(done, len(settings))
     default = table[0]
     ranked = sorted(table, key=lambda r: selection_key(r["f1"], r.get("mimic_fp", np.nan)))  # stable: grid order
     best = ranked[0]

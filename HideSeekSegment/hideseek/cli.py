@@ -289,27 +289,34 @@ def _run_train(args: argparse.Namespace) -> int:
                       lr_decay_from=args.lr_decay_from, lr_final=args.lr_final, label_weight=args.label_weight,
                       label_dropout=args.label_dropout, body_weight=args.body_weight, bf16=not args.no_bf16)
 
-    def report(record: dict) -> None:
-        if "eval" in record:
-            print(f"\n  eval {json.dumps(record['eval'])}", file=sys.stderr, flush=True)
-        elif "export" in record:
-            print(f"\nexport: {record['export']}", file=sys.stderr, flush=True)
-        else:
-            eta = record["eta_s"]
-            label = f"label loss {record['label_loss']:.3f}  " if "label_loss" in record else ""
-            print(f"\rstep {record['step']}/{record['steps']}  loss {record['loss']:.4f}  {label}"
-                  f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}h  ", end="", file=sys.stderr, flush=True)
-
     out = train_bundle(
         slices, args.out, args.state, cfg, prep, device=resolve_device(args.device),
         time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
         classifier_C=args.classifier_c or None, eval_every=args.eval_every, name=args.name,
         provenance={"manifest": str(args.manifest), "command": args.command_line},
-        progress=report, overwrite=args.overwrite, card_text=card_text,
+        progress=_print_training, overwrite=args.overwrite, card_text=card_text,
         keep_snapshots=args.keep_snapshots, from_snapshot=args.export_snapshot,
     )
     print(f"\nwrote model bundle {out}", file=sys.stderr)
     return 0
+
+
+def _print_training(record: dict) -> None:
+    """One progress record of `hideseek train`: steps and export progress redraw their line, the rest add one."""
+    def eta() -> str:
+        return f"ETA {int(record['eta_s']) // 3600}:{int(record['eta_s']) % 3600 // 60:02d}h  "
+
+    if "eval" in record:
+        print(f"\n  eval {json.dumps(record['eval'])}", file=sys.stderr, flush=True)
+    elif "done" in record:
+        print(f"\r  candidate settings {record['done']}/{record['total']}  {eta()}", end="", file=sys.stderr,
+              flush=True)
+    elif "export" in record:
+        print(f"\nexport: {record['export']}", file=sys.stderr, flush=True)
+    else:
+        label = f"label loss {record['label_loss']:.3f}  " if "label_loss" in record else ""
+        print(f"\rstep {record['step']}/{record['steps']}  loss {record['loss']:.4f}  {label}{eta()}",
+              end="", file=sys.stderr, flush=True)
 
 
 def _read_card_text(path: str) -> dict:

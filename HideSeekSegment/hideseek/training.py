@@ -661,6 +661,19 @@ def train_bundle(
         if progress is not None:
             progress({"export": text})
 
+    def tuning_progress(edit: int, edits: int) -> Callable[[int, int], None] | None:
+        """Candidate settings tuned so far over all shortlisted edits, with an ETA: the longest phase."""
+        if progress is None:
+            return None
+        start = time.monotonic()
+
+        def report(done: int, total: int) -> None:
+            done_all, total_all = edit * total + done, edits * total
+            rate = (time.monotonic() - start) / done
+            progress({"export": "tuning", "done": done_all, "total": total_all,
+                      "eta_s": round(rate * (total_all - done_all), 1)})
+        return report
+
     phase(f"encoding {len(train)} training slices and fitting the latent classifier")
     z_train = encode_latents(trainer.ema, train.images).double().numpy()
     classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed, z=z_train)
@@ -683,8 +696,9 @@ def train_bundle(
             phase(f"tuning the candidates of {len(cal.shortlist)} shortlisted edits on {len(mid)} validation slices")
             tunings = {(c, k): tune_candidates(HideAndSeek(trainer.ema, diffusion, classifiers[c],
                                                            settings_for("fast", edit_step_scale=k)),
-                                               mid.images, mid.bodies, mid.lesions, mid.mimics)
-                       for c, k in cal.shortlist}
+                                               mid.images, mid.bodies, mid.lesions, mid.mimics,
+                                               progress=tuning_progress(i, len(cal.shortlist)))
+                       for i, (c, k) in enumerate(cal.shortlist)}
             calibration["shortlist"] = [{"C": c, "step_scale": k, "f1": t.f1} for (c, k), t in tunings.items()]
             (C, scale), tuning = min(tunings.items(),
                                      key=lambda kv: selection_key(kv[1].f1, kv[1].table[0].get("mimic_fp", np.nan)))
