@@ -162,3 +162,13 @@ def test_train_progress_redraws_steps_and_tuning_and_adds_a_line_per_phase(capsy
     assert err == ("\rstep 25/100  loss 0.0100  ETA 1:01h  "
                    "\nexport: tuning the candidates of 3 shortlisted edits on 9 validation slices\n"
                    "\r  candidate settings 1/270  ETA 0:25h  \r  candidate settings 2/270  ETA 0:24h  ")
+
+
+def test_every_command_prints_its_help_without_formatting_leftovers():
+    from hideseek.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"demo", "segment", "batch", "phantom", "train", "evaluate", "import-published"} <= set(commands)
+    for name, parser in commands.items():
+        text = parser.format_help()
+        assert "%%" not in text and "%(" not in text, name  # argparse formats help strings, not descriptions

@@ -371,7 +371,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="score Hide-and-Seek and three baselines against lesion truth (e.g. a held-out phantom set)",
         description="Runs the model on the mid-sagittal slice of every vertebra of a manifest with a 'lesions' "
         "column, tunes the baselines' thresholds on a validation split of the vertebrae, and scores every method on "
-        "the rest: lesion F1, Dice, mimic false positives, classifier AUC, 95 %% bootstrap intervals. Writes "
+        "the rest: lesion F1, Dice, mimic false positives, classifier AUC, 95 % bootstrap intervals. Writes "
         "metrics.json, table.md and examples.png to --out.",
     )
     p.add_argument("--manifest", required=True, help="manifest CSV with lesions (and mimics) columns")
