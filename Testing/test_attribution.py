@@ -266,6 +266,22 @@ def test_edit_then_seek_is_the_run_and_tuning_reproduces_its_choice(tiny, classi
         tune_candidates(method, img, body, np.zeros_like(truth), grid=grid)
 
 
+def test_one_inversion_serves_edits_with_other_classifiers_and_steps_exactly(tiny, classifier, slices):
+    """The export tunes several edits of the same slices from one inversion: it must change nothing."""
+    img, _ = slices
+    flipped = LatentClassifier(coef=-classifier.coef, intercept=classifier.intercept + 1.0, mean=classifier.mean,
+                               scale=classifier.scale)
+    inverted = HideAndSeek(tiny, DiffusionConfig(), classifier, FAST).invert(img)
+    for clf, scale in ((classifier, 1.0), (flipped, 3.0)):
+        method = HideAndSeek(tiny, DiffusionConfig(), clf, FAST.with_overrides(edit_step_scale=scale))
+        alone, shared = method.edit(img), method.edit(inverted)
+        assert torch.equal(alone.recon, shared.recon) and torch.equal(alone.edit, shared.edit)
+        assert np.array_equal(alone.active, shared.active) and np.array_equal(alone.p_healthy, shared.p_healthy)
+        assert np.array_equal(alone.images, shared.images) and not torch.equal(shared.edit, shared.recon)
+    with pytest.raises(ValueError, match="DDIM steps"):
+        HideAndSeek(tiny, DiffusionConfig(), classifier, FAST.with_overrides(decode_steps=4)).edit(inverted)
+
+
 def test_tuned_gate_scores_what_a_gated_run_finds(tiny, classifier, slices):
     img, body = slices
     truth = np.zeros(img.shape, np.uint8)

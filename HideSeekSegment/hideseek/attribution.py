@@ -12,7 +12,8 @@
    Δ = (p − p_healthy) / (p_malignant − p_healthy) of the malignant score; keep Δ above a threshold.
 
 All slices of a call and all their candidates run in network batches; nothing here knows about volumes. Steps 1-2
-(``edit``) and 3-4 (``seek``) are separate so that candidate settings can be tuned on one set of edits.
+(``edit``) and 3-4 (``seek``) are separate so that candidate settings can be tuned on one set of edits, and step 1
+(``invert``) can serve several edits of the same slices.
 """
 
 from __future__ import annotations
@@ -199,6 +200,17 @@ def normalized_delta(p: np.ndarray, p_healthy: np.ndarray, p_malignant: np.ndarr
 
 
 @dataclass
+class Inversion:
+    """Step 1 for a batch of slices, which does not depend on the classifier: every edit of them starts here."""
+
+    images: np.ndarray  # (N, H, W) the normalised inputs
+    z: torch.Tensor  # (N, D) semantic codes
+    xT: torch.Tensor  # (N, 1, H, W) DDIM noise codes
+    recon: torch.Tensor  # (N, 1, H, W) reconstructions
+    ddim_steps: tuple[int, int]  # (encode, decode) steps it was made with
+
+
+@dataclass
 class Edits:
     """Steps 1-2 for a batch of slices: what every candidate setting of steps 3-4 starts from."""
 
@@ -272,14 +284,35 @@ class HideAndSeek:
         return self.seek(self.edit(images, counter), bodies, counter)
 
     @torch.inference_mode()
-    def edit(self, images: np.ndarray, counter: _Counter | None = None) -> Edits:
-        """Steps 1-2: reconstruction and healthy edit of (N, H, W) slices in the model's intensity range."""
+    def invert(self, images: np.ndarray, counter: _Counter | None = None) -> Inversion:
+        """Step 1 alone, for several edits of the same slices (e.g. with other classifiers or edit steps)."""
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None].to(self.device)
+        return self._invert(x, self._encode_z(x), counter or _Counter(None, 0))
+
+    def _invert(self, x: torch.Tensor, z: torch.Tensor, counter: _Counter) -> Inversion:
+        counter.stage = "encoding"
+        xT = self._ddim(self._enc, True, x, z, counter.tick)
+        counter.stage = "reconstructing"
+        recon = self._ddim(self._dec, False, xT, z, counter.tick)
+        return Inversion(x[:, 0].cpu().numpy(), z, xT, recon, (self._enc.steps, self._dec.steps))
+
+    @torch.inference_mode()
+    def edit(self, images: np.ndarray | Inversion, counter: _Counter | None = None) -> Edits:
+        """Steps 1-2: reconstruction and healthy edit of (N, H, W) slices in the model's intensity range, or of
+        their ``invert`` output (made with the same DDIM steps), which is then not computed again."""
         s = self.settings
-        images = np.asarray(images, dtype=np.float32)
-        n = len(images)
         counter = counter or _Counter(None, 0)
-        x = torch.from_numpy(images)[:, None].to(self.device)
-        z = self._encode_z(x)
+        if isinstance(images, Inversion):
+            inversion = images
+            if inversion.ddim_steps != (self._enc.steps, self._dec.steps):
+                raise ValueError(f"the inversion was made with {inversion.ddim_steps} DDIM steps (encode, decode), "
+                                 f"this method runs {(self._enc.steps, self._dec.steps)}")
+            z = inversion.z
+        else:
+            inversion = None
+            x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None].to(self.device)
+            z = self._encode_z(x)
+        n = len(z)
         p_malignant = self.classifier.probability(z).cpu().numpy()
         # A slice already as healthy as the target (or below the gate) is not edited: it has no candidates.
         active = torch.from_numpy(p_malignant > max(s.target_probability, s.gate_probability or 0.0))
@@ -289,16 +322,13 @@ class HideAndSeek:
         z_edit = torch.where(on, z_edit.to(z.dtype), z)
         counter.add_total(-(n - int(active.sum())) * self._dec.steps)
 
-        counter.stage = "encoding"
-        xT = self._ddim(self._enc, True, x, z, counter.tick)
-        counter.stage = "reconstructing"
-        recon = self._ddim(self._dec, False, xT, z, counter.tick)
+        inversion = inversion or self._invert(x, z, counter)
         counter.stage = "healthy edit"
-        edit = recon.clone()
+        edit = inversion.recon.clone()
         if active.any():
             on = active.to(self.device)
-            edit[on] = self._ddim(self._dec, False, xT[on], z_edit[on], counter.tick)
-        return Edits(images, recon, edit, p_malignant, p_healthy, active.numpy())
+            edit[on] = self._ddim(self._dec, False, inversion.xT[on], z_edit[on], counter.tick)
+        return Edits(inversion.images, inversion.recon, edit, p_malignant, p_healthy, active.numpy())
 
     @torch.inference_mode()
     def seek(self, edits: Edits, bodies: np.ndarray, counter: _Counter | None = None) -> list[SliceResult]:

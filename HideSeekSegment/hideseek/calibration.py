@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attribution import BLASTIC, LESION_TYPES, LYTIC, HideAndSeek
+from .attribution import BLASTIC, LESION_TYPES, LYTIC, HideAndSeek, Inversion
 from .classifier import LatentClassifier
 from .dataset import SliceSet
 from .metrics import (
@@ -130,7 +130,7 @@ SCORES = ("f1", "mimic_fp")
 
 def tune_candidates(
     method: HideAndSeek,
-    images: np.ndarray,
+    images: np.ndarray | Inversion,
     bodies: np.ndarray,
     lesions: np.ndarray,
     mimics: np.ndarray | None = None,
@@ -143,6 +143,7 @@ def tune_candidates(
 ) -> CandidateTuning:
     """Best mean lesion F1 (IoU >= 0.1) over ``grid`` × ``thresholds`` × ``gates`` on slices with truth, ties going
     to the lowest share of ``mimics`` instances flagged (see module doc). The method's own gate must be off.
+    ``images`` may be their ``HideAndSeek.invert`` output, shared by the tunings of several edits.
     ``progress(done, total)`` follows the grid settings, each one hide-and-seek pass over the slices: the tuning
     is the longest phase of an export."""
     if method.settings.gate_probability is not None:
@@ -175,4 +176,4 @@ def tune_candidates(
     ranked = sorted(table, key=lambda r: selection_key(r["f1"], r.get("mimic_fp", np.nan)))  # stable: grid order
     best = ranked[0]
     return CandidateTuning({k: v for k, v in best.items() if k not in SCORES}, best["f1"], default["f1"],
-                           len(images), ranked)
+                           len(edits.images), ranked)

@@ -694,9 +694,11 @@ def train_bundle(
             # Each shortlisted edit gets its own candidate tuning; the best F1 (then fewest mimics) wins, ties
             # going to the earlier, more lesion-specific edit.
             phase(f"tuning the candidates of {len(cal.shortlist)} shortlisted edits on {len(mid)} validation slices")
+            fast = settings_for("fast")
+            inverted = HideAndSeek(trainer.ema, diffusion, classifier, fast).invert(mid.images)  # one for all
             tunings = {(c, k): tune_candidates(HideAndSeek(trainer.ema, diffusion, classifiers[c],
-                                                           settings_for("fast", edit_step_scale=k)),
-                                               mid.images, mid.bodies, mid.lesions, mid.mimics,
+                                                           fast.with_overrides(edit_step_scale=k)),
+                                               inverted, mid.bodies, mid.lesions, mid.mimics,
                                                progress=tuning_progress(i, len(cal.shortlist)))
                        for i, (c, k) in enumerate(cal.shortlist)}
             calibration["shortlist"] = [{"C": c, "step_scale": k, "f1": t.f1} for (c, k), t in tunings.items()]
