@@ -657,7 +657,7 @@ def train_bundle(
         step, elapsed_s = from_snapshot, curve[-1]["elapsed_s"]
 
     def phase(text: str) -> None:
-        """The export runs for minutes (11 to over 20 on a 2-core CPU) after training: say what it does."""
+        """The export runs for minutes (11 to 23 measured on a 2-core CPU) after training: say what it does."""
         if progress is not None:
             progress({"export": text})
 
