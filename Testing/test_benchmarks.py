@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,21 @@ import pytest
 from hideseek.dataset import SliceSet
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as when a script is run: its folder comes first (studied_model.py)
+
+import studied_model  # noqa: E402
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("latent_probe", BENCHMARKS / "latent_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("latent_probe")
 
 
 def test_the_probe_separates_what_z_carries_and_not_what_it_lacks(probe):
@@ -68,7 +76,7 @@ def test_a_training_snapshot_is_probed_by_its_state_and_step_without_a_classifie
         asked["preprocessing"] = preprocessing
         return data
 
-    monkeypatch.setattr(probe, "load_snapshot", fake_snapshot)
+    monkeypatch.setattr(studied_model, "load_snapshot", fake_snapshot)
     monkeypatch.setattr(probe, "cached_slice_set", fake_slices)
     monkeypatch.setattr(probe, "encode_latents", lambda dae, images: torch.from_numpy(z))
     out = tmp_path / "probe.json"
@@ -87,7 +95,7 @@ def test_a_training_snapshot_is_probed_by_its_state_and_step_without_a_classifie
 
 @pytest.mark.parametrize("step", ["3k", "-1"])
 def test_a_snapshot_step_that_is_not_a_whole_number_is_refused_clearly(probe, monkeypatch, capsys, step):
-    monkeypatch.setattr(probe, "load_snapshot", lambda state, step: pytest.fail("nothing is loaded"))
+    monkeypatch.setattr(studied_model, "load_snapshot", lambda state, step: pytest.fail("nothing is loaded"))
     monkeypatch.setattr("sys.argv", ["latent_probe.py", "--manifest", "m.csv", "--snapshot", "runs/state", step])
     with pytest.raises(SystemExit) as exit_info:
         probe.main()

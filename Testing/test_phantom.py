@@ -79,6 +79,28 @@ def test_bad_settings_are_refused():
         P.generate_case(1, lesion_rate=1.5)
     with pytest.raises(InputError, match="level"):
         P.generate_case(1, levels=("L1", "X9"))
+    with pytest.raises(InputError, match=r"lytic_hu.*fat"):
+        P.generate_case(1, lytic_hu=(-80, 0))
+    with pytest.raises(InputError, match="lytic_hu"):
+        P.generate_case(1, lytic_hu=(40, 20))
+    with pytest.raises(InputError, match="lytic_min_mm"):
+        P.generate_case(1, lytic_min_mm=25)
+
+
+def _lesions(case, kind):
+    return [les for rec in case.records for les in rec.lesions if les.kind == kind]
+
+
+def test_a_curriculum_draws_darker_larger_lytic_lesions_and_leaves_the_defaults_alone(case):
+    easy = P.generate_case(3, lesion_rate=1.0, mimic_rate=1.0, orientation="LPS", lytic_hu=(0, 10),
+                           lytic_min_mm=10, **SMALL)
+    lytic, default_lytic = _lesions(easy, "lytic"), _lesions(case, "lytic")
+    assert lytic and default_lytic
+    assert all(0 <= les.hu <= 10 and les.diameter_mm >= 10 for les in lytic)
+    assert not all(0 <= les.hu <= 10 and les.diameter_mm >= 10 for les in default_lytic)
+    assert all(20 <= les.hu <= 60 for les in default_lytic)
+    assert np.median(easy.ct[easy.tissue == P.LYTIC_T]) < np.median(case.ct[case.tissue == P.LYTIC_T])
+    assert (easy.lesions == P.LYTIC).sum() > (case.lesions == P.LYTIC).sum()
 
 
 def test_cli_writes_a_set_the_pipeline_reads(tmp_path, capsys):
@@ -93,6 +115,15 @@ def test_cli_writes_a_set_the_pipeline_reads(tmp_path, capsys):
     labels = load_vertebra_labels(out / rows[0]["vertebrae"], reference=ct)
     assert {v.level for v in labels.vertebrae} >= {"L1", "L2"}
     assert {int(r["label"]) for r in rows} == {P.TS_LABELS["L1"], P.TS_LABELS["L2"]}
+    # the curriculum options reach the generator; a malformed range is refused before anything is written
+    easy = tmp_path / "easy"
+    assert main(["phantom", "--out", str(easy), "--cases", "1", "--seed", "4", "--levels", "L1",
+                 "--lytic-hu", "0,15", "--lytic-min-mm", "8", "--lesion-rate", "1"]) == 0
+    assert (easy / "manifest.csv").exists()
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--cases", "1", "--seed", "4", "--lytic-hu", "0"]) == 2
+    assert "lytic_hu" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--cases", "1", "--seed", "4", "--lytic-hu", "a,b"]) == 2
+    assert "--lytic-hu 'a,b'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     # an existing set is never replaced silently
     before = sorted(p.name for p in out.iterdir())
     assert main(["phantom", "--out", str(out), "--cases", "1", "--seed", "5"]) == 2

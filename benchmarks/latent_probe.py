@@ -21,13 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from studied_model import add_model_arguments, load_studied
 
-from hideseek.bundle import load_bundle
 from hideseek.classifier import fit_latent_classifier, roc_auc, stratified_folds
 from hideseek.dataset import SliceSet, cached_slice_set
-from hideseek.errors import InputError
-from hideseek.pipeline import default_model_path
-from hideseek.training import encode_latents, load_snapshot
+from hideseek.training import encode_latents
 
 
 def slice_groups(data: SliceSet) -> dict[str, np.ndarray]:
@@ -53,28 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, help="manifest with lesion truth (e.g. a phantom set)")
     parser.add_argument("--cache", help="mid-slice cache (.npz), read when it exists, else written")
-    parser.add_argument("--model", help="bundle (default: the bundled demo model)")
-    parser.add_argument("--snapshot", nargs=2, metavar=("STATE", "STEP"),
-                        help="probe the EMA of a training state's kept learning-curve point instead of a bundle")
+    add_model_arguments(parser)
     parser.add_argument("--C", type=float, default=0.01, help="probe L2 strength (default 0.01, as training)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
-    if args.snapshot:
-        if not args.snapshot[1].isdigit():
-            parser.error(f"--snapshot STATE STEP: the step is a whole number (e.g. 3000), not {args.snapshot[1]!r}")
-        try:
-            dae, preprocessing = load_snapshot(args.snapshot[0], int(args.snapshot[1]))
-        except InputError as err:
-            parser.error(str(err))
-        model, version, classifier = str(args.snapshot[0]), args.snapshot[1], None
-    else:
-        bundle = load_bundle(args.model or default_model_path())
-        dae, preprocessing, classifier = bundle.dae, bundle.preprocessing, bundle.classifier
-        model, version = bundle.name, bundle.version
-    data = cached_slice_set(args.manifest, preprocessing, args.cache, mode="mid")
+    studied = load_studied(args, parser)
+    dae, classifier, model, version = studied.dae, studied.classifier, studied.name, studied.version
+    data = cached_slice_set(args.manifest, studied.preprocessing, args.cache, mode="mid")
     z = encode_latents(dae, data.images).double().numpy()
     p_model = None if classifier is None else classifier.probability(torch.from_numpy(z)).numpy()
     healthy = data.malignant == 0

@@ -349,6 +349,10 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", default="T11,T12,L1,L2,L3", help="contiguous levels, comma-separated (T1..L5)")
     p.add_argument("--lesion-rate", type=float, default=0.5, help="probability that a vertebra is malignant")
     p.add_argument("--mimic-rate", type=float, default=0.33, help="probability that a vertebra carries benign mimics")
+    p.add_argument("--lytic-hu", default="20,60", metavar="LOW,HIGH",
+                   help="HU range of lytic lesions (default 20,60: soft tissue); darker for a training curriculum")
+    p.add_argument("--lytic-min-mm", type=float, default=3.0, metavar="MM",
+                   help="smallest lytic lesion diameter (default 3; at most 20), larger for a training curriculum")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom set in --out")
     p.set_defaults(handler=_run_phantom)
 
@@ -357,9 +361,13 @@ def _run_phantom(args: argparse.Namespace) -> int:
     from .phantom import write_phantom_set
 
     levels = tuple(name.strip().upper() for name in args.levels.split(",") if name.strip())
+    try:
+        lytic_hu = tuple(float(v) for v in args.lytic_hu.split(","))
+    except ValueError:
+        raise InputError(f"--lytic-hu {args.lytic_hu!r} must be two numbers, e.g. 0,20") from None
     manifest = write_phantom_set(
         args.out, args.cases, args.seed, overwrite=args.overwrite, report=print, levels=levels,
-        lesion_rate=args.lesion_rate, mimic_rate=args.mimic_rate,
+        lesion_rate=args.lesion_rate, mimic_rate=args.mimic_rate, lytic_hu=lytic_hu, lytic_min_mm=args.lytic_min_mm,
     )
     print(f"wrote manifest {manifest}")
     return 0

@@ -34,6 +34,8 @@ ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "PIR", "ASL")
 """Axis codes drawn when no orientation is given (SimpleITK convention: the direction each index axis points to)."""
 
 LYTIC, BLASTIC = 1, 2
+LYTIC_HU = (20.0, 60.0)
+"""Lytic lesions replace bone with soft tissue (HU range drawn from; a curriculum may darken it)."""
 """Values in the lesion label map."""
 
 MIMIC_KINDS = ("bone_island", "haemangioma", "schmorl_node", "endplate_sclerosis", "osteophyte", "focal_fat")
@@ -340,6 +342,8 @@ class _Case:
     lesion_rate: float
     mimic_rate: float
     min_lesion_mm: float
+    lytic_hu: tuple[float, float]
+    lytic_min_mm: float
     lesion_id: np.ndarray = field(default=None)  # type: ignore[assignment]
     lesion_list: list[tuple[_Vertebra, LesionRecord]] = field(default_factory=list)
 
@@ -872,7 +876,8 @@ def _blob(case: _Case, vt: _Vertebra, f: _VertebraFields, centre, radii, lobulat
 
 def _add_lesion(case: _Case, vt: _Vertebra, f: _VertebraFields, kind: str) -> None:
     rng = case.rng
-    diameter = float(np.exp(rng.uniform(np.log(case.min_lesion_mm), np.log(20.0))))
+    smallest = max(case.min_lesion_mm, case.lytic_min_mm) if kind == "lytic" else case.min_lesion_mm
+    diameter = float(np.exp(rng.uniform(np.log(smallest), np.log(20.0))))
     in_pedicle = rng.random() < 0.12
     if in_pedicle:
         centre = np.array(
@@ -885,7 +890,7 @@ def _add_lesion(case: _Case, vt: _Vertebra, f: _VertebraFields, kind: str) -> No
     radii = diameter / 2 * rng.uniform(0.75, 1.25, 3)
     blob = _blob(case, vt, f, centre, radii, float(rng.uniform(0.2, 0.45)), edge)
     # blastic: Ulano 2016, mean 654 +- 176 HU (max 787); lytic: soft-tissue density
-    hu = float(np.clip(rng.normal(654, 176), 350, 790)) if kind == "blastic" else float(rng.uniform(20, 60))
+    hu = float(np.clip(rng.normal(654, 176), 350, 790)) if kind == "blastic" else float(rng.uniform(*case.lytic_hu))
     world = vt.frame.world(*centre)
     rec = LesionRecord(kind, tuple(round(float(c), 2) for c in world), round(diameter, 2), round(hu, 1), ill_defined)
     vt.record.lesions.append(rec)
@@ -1150,6 +1155,8 @@ def generate_case(
     lesion_rate: float = 0.5,
     mimic_rate: float = 0.33,
     size: tuple[float, float] = (150.0, 170.0),
+    lytic_hu: tuple[float, float] = LYTIC_HU,
+    lytic_min_mm: float = 3.0,
 ) -> PhantomCase:
     """Generate one synthetic CT case.
 
@@ -1157,6 +1164,8 @@ def generate_case(
     in-plane and 1-3 mm between slices. orientation: axis code such as RAS, LPS or PIR; None draws one of
     ORIENTATIONS. size: in-plane field of view (left-right, anterior-posterior) in mm. A requested level is
     malignant with probability lesion_rate and carries 1-2 benign mimics with probability mimic_rate.
+    lytic_hu (low, high) and lytic_min_mm (smallest lytic diameter) can make lytic lesions easier to see than
+    the literature's, for a training curriculum (at the defaults a seed gives the same case as before they existed).
     The anatomy depends only on the seed and the levels, never on spacing-independent choices such as orientation.
     """
     for name, rate in (("lesion_rate", lesion_rate), ("mimic_rate", mimic_rate)):
@@ -1164,6 +1173,11 @@ def generate_case(
             raise InputError(f"{name} must lie in [0, 1], got {rate}")
     if len(size) != 2 or not all(60 <= float(s) <= 500 for s in size):
         raise InputError(f"size {size!r} must be two lengths (left-right, anterior-posterior) in 60-500 mm")
+    if len(lytic_hu) != 2 or not -40 <= float(lytic_hu[0]) <= float(lytic_hu[1]) <= 100:
+        raise InputError(f"lytic_hu {lytic_hu!r} must be two HU values, low <= high, in -40..100 (soft tissue; "
+                         "below -40 is fat, which the phantoms use for benign focal fat)")
+    if not 3.0 <= float(lytic_min_mm) <= 20.0:
+        raise InputError(f"lytic_min_mm {lytic_min_mm} must lie in 3-20 mm (lesions are at most 20 mm)")
     idx = _parse_levels(levels)
     seed = int(rng_or_seed) if isinstance(rng_or_seed, (int, np.integer)) else None
     root = np.random.default_rng(rng_or_seed) if seed is not None else rng_or_seed
@@ -1192,6 +1206,7 @@ def generate_case(
         blood_hu=blood, skin_y=skin_y, fat_thickness=float(rng.uniform(6, 25)),
         lesion_rate=float(lesion_rate), mimic_rate=float(mimic_rate),
         min_lesion_mm=max(3.0, 2.0 * max(img_spacing)),
+        lytic_hu=(float(lytic_hu[0]), float(lytic_hu[1])), lytic_min_mm=float(lytic_min_mm),
     )  # fmt: skip
     # Jang et al. 2019: L1 trabecular attenuation falls ~2.5 HU/year from ~226 HU (< 30 y)
     base_hu = float(np.clip(226 - 2.5 * (age - 27) + rng.normal(0, 20), 105, 255))
