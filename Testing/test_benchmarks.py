@@ -108,3 +108,36 @@ def test_a_snapshot_the_state_does_not_have_is_refused_without_a_traceback(probe
     with pytest.raises(SystemExit) as exit_info:
         probe.main()
     assert exit_info.value.code == 2 and "no training state (state.json) there" in capsys.readouterr().err
+
+
+def test_a_learning_point_is_measured_on_the_manifests_training_split(monkeypatch, capsys, tmp_path):
+    """learning_point.py splits the manifest's slices by vertebra as training does and hands both halves on."""
+    from hideseek.training import split_by_vertebra
+
+    script = _script("learning_point")
+    n = 60
+    data = SliceSet(images=np.zeros((n, 4, 4), np.float32), bodies=np.ones((n, 4, 4), bool),
+                    lesions=np.zeros((n, 4, 4), np.uint8), mimics=np.zeros((n, 4, 4), np.uint16),
+                    malignant=(np.arange(n) // 3 % 2).astype(np.int8), vertebra=np.arange(n, dtype=np.int32) // 3,
+                    names=np.array([f"v{i}" for i in range(n // 3)]))
+    seen = {}
+
+    def fake_point(dae, diffusion, train, val, *, C, seed):
+        seen.update(dae=dae, train=train, val=val, C=C, seed=seed)
+        return {"val_auc": 0.75, "C": C, "efficacy": 0.5, "efficacy blastic": 0.6, "outside_ratio": 0.4}
+
+    monkeypatch.setattr(studied_model, "load_snapshot", lambda state, step: ("dae", "prep"))
+    monkeypatch.setattr(script, "cached_slice_set", lambda manifest, prep, cache: data)
+    monkeypatch.setattr(script, "learning_point", fake_point)
+    out = tmp_path / "point.json"
+    monkeypatch.setattr("sys.argv", ["learning_point.py", "--manifest", "m.csv", "--snapshot", "runs/state", "7000",
+                                     "--seed", "3", "--json", str(out)])
+    script.main()
+    held = split_by_vertebra(data.vertebra, data.malignant, 0.1, 3)
+    assert seen["dae"] == "dae" and (seen["C"], seen["seed"]) == (0.01, 3)
+    assert np.array_equal(seen["val"].vertebra, data.vertebra[held])
+    assert np.array_equal(seen["train"].vertebra, data.vertebra[~held])
+    assert not set(seen["val"].vertebra) & set(seen["train"].vertebra)
+    point = json.loads(out.read_text())
+    assert point["version"] == "7000" and point["val_set"] == data.subset(held).vertebra_fingerprint()
+    assert "| 0.750 | 0.500 | – | 0.600 | 0.400 | – |" in capsys.readouterr().out

@@ -11,12 +11,14 @@ from hideseek.errors import InputError
 from hideseek.network import DiffusionAutoencoder
 from hideseek.pipeline import default_model_path
 from hideseek.preprocessing import Preprocessing
+from hideseek.sampler import DiffusionConfig
 from hideseek.training import load_snapshot
 
 
 @dataclass
 class StudiedModel:
     dae: DiffusionAutoencoder
+    diffusion: DiffusionConfig  # a snapshot's is the default schedule, which every training run uses
     preprocessing: Preprocessing
     classifier: LatentClassifier | None  # a snapshot has none: it was never exported
     name: str
@@ -33,7 +35,8 @@ def load_studied(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
     """The model named by ``--model`` / ``--snapshot``; a bad name ends the script with the reason."""
     if not args.snapshot:
         bundle = load_bundle(args.model or default_model_path())
-        return StudiedModel(bundle.dae, bundle.preprocessing, bundle.classifier, bundle.name, bundle.version)
+        return StudiedModel(bundle.dae, bundle.diffusion, bundle.preprocessing, bundle.classifier, bundle.name,
+                            bundle.version)
     state, step = args.snapshot
     if not step.isdigit():
         parser.error(f"--snapshot STATE STEP: the step is a whole number (e.g. 3000), not {step!r}")
@@ -41,4 +44,4 @@ def load_studied(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
         dae, preprocessing = load_snapshot(state, int(step))
     except InputError as err:
         parser.error(str(err))
-    return StudiedModel(dae, preprocessing, None, str(state), step)
+    return StudiedModel(dae, DiffusionConfig(), preprocessing, None, str(state), step)

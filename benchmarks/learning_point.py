@@ -1,0 +1,57 @@
+"""One learning-curve point of a model on any training set's validation vertebrae.
+
+``hideseek train`` measures its learning curve on the validation split of the data it trains on, so a run on
+other data (fresh vertebrae, a curriculum of easier lesions) is measured on other vertebrae and cannot be laid
+beside the first run's curve. This measures a bundle or a kept snapshot exactly as a learning-curve point would
+(validation AUC of a classifier refitted on the training split's codes, edit efficacy per lesion type on 32
+validation slices drawn by type and vertebra, 20/20 DDIM steps, step × 1) on the split of the manifest given:
+
+    python benchmarks/learning_point.py --manifest phantoms/train/manifest.csv --cache slices-curve.npz \
+        --snapshot STATE 12000 --json benchmarks/results/RUN/point-12000.json
+
+The split is ``hideseek train``'s (10 % of the vertebrae of each class, ``--seed`` 0 as training's default); the
+model's intensity mapping must match the cache's (a cache made otherwise is refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from studied_model import add_model_arguments, load_studied
+
+from hideseek.dataset import cached_slice_set
+from hideseek.training import learning_point, split_by_vertebra
+
+SHOWN = ("val_auc", "efficacy", "efficacy lytic", "efficacy blastic", "outside_ratio", "p_reencoded_edit")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True, help="the training manifest whose validation split is used")
+    parser.add_argument("--cache", help="slice cache (.npz) of that manifest, read when it exists, else written")
+    add_model_arguments(parser)
+    parser.add_argument("--C", type=float, default=0.01, help="classifier L2 strength (default 0.01, as training)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (training's --seed)")
+    parser.add_argument("--json", help="write the point here")
+    args = parser.parse_args()
+
+    studied = load_studied(args, parser)
+    data = cached_slice_set(args.manifest, studied.preprocessing, args.cache)
+    held = split_by_vertebra(data.vertebra, data.malignant, 0.1, args.seed)
+    train, val = data.subset(~held), data.subset(held)
+    point = {"model": studied.name, "version": studied.version, "manifest": str(args.manifest),
+             "val_set": val.vertebra_fingerprint()}
+    point |= learning_point(studied.dae, studied.diffusion, train, val, C=args.C, seed=args.seed)
+    print(f"{studied.name} v{studied.version} on {args.manifest} (validation vertebrae {point['val_set']})")
+    print("| " + " | ".join(SHOWN) + " |")
+    print("|" + " --- |" * len(SHOWN))
+    print("| " + " | ".join(f"{point[k]:.3f}" if k in point else "–" for k in SHOWN) + " |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(point, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
