@@ -140,4 +140,26 @@ def test_a_learning_point_is_measured_on_the_manifests_training_split(monkeypatc
     assert not set(seen["val"].vertebra) & set(seen["train"].vertebra)
     point = json.loads(out.read_text())
     assert point["version"] == "7000" and point["val_set"] == data.subset(held).vertebra_fingerprint()
+    assert point["fit_manifest"] == "m.csv"
     assert "| 0.750 | 0.500 | – | 0.600 | 0.400 | – |" in capsys.readouterr().out
+
+    # --fit-manifest: the classifier is fitted on another manifest's training split, validated on the same vertebrae
+    other = data.subset(np.arange(n) < 30)
+    monkeypatch.setattr(script, "cached_slice_set", lambda manifest, _prep, _cache: {"f.csv": other}.get(manifest, data))
+    monkeypatch.setattr("sys.argv", ["learning_point.py", "--manifest", "m.csv", "--snapshot", "runs/state", "7000",
+                                     "--seed", "3", "--fit-manifest", "f.csv"])
+    script.main()
+    held_other = split_by_vertebra(other.vertebra, other.malignant, 0.1, 3)
+    assert np.array_equal(seen["train"].vertebra, other.vertebra[~held_other])
+    assert np.array_equal(seen["val"].vertebra, data.vertebra[held])
+    assert "classifier fitted on f.csv" in capsys.readouterr().out
+
+
+def test_a_fit_cache_without_its_manifest_is_refused(monkeypatch, capsys):
+    script = _script("learning_point")
+    monkeypatch.setattr(studied_model, "load_snapshot", lambda state, step: pytest.fail("nothing is loaded"))
+    monkeypatch.setattr("sys.argv", ["learning_point.py", "--manifest", "m.csv", "--snapshot", "s", "1",
+                                     "--fit-cache", "f.npz"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2 and "--fit-cache is the slice cache of --fit-manifest" in capsys.readouterr().err
