@@ -145,7 +145,7 @@ def test_a_learning_point_is_measured_on_the_manifests_training_split(monkeypatc
 
     # --fit-manifest: the classifier is fitted on another manifest's training split, validated on the same vertebrae
     other = data.subset(np.arange(n) < 30)
-    monkeypatch.setattr(script, "cached_slice_set", lambda manifest, _prep, _cache: {"f.csv": other}.get(manifest, data))
+    monkeypatch.setattr(script, "cached_slice_set", lambda manifest, *_: {"f.csv": other}.get(manifest, data))
     monkeypatch.setattr("sys.argv", ["learning_point.py", "--manifest", "m.csv", "--snapshot", "runs/state", "7000",
                                      "--seed", "3", "--fit-manifest", "f.csv"])
     script.main()
