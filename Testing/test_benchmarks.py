@@ -163,3 +163,28 @@ def test_a_fit_cache_without_its_manifest_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main()
     assert exit_info.value.code == 2 and "--fit-cache is the slice cache of --fit-manifest" in capsys.readouterr().err
+
+
+def test_a_bundle_that_cannot_be_read_is_refused_without_a_traceback(monkeypatch, capsys, tmp_path):
+    script = _script("learning_point")
+    monkeypatch.setattr(script, "cached_slice_set", lambda *_: pytest.fail("no slices are read"))
+    monkeypatch.setattr("sys.argv", ["learning_point.py", "--manifest", "m.csv", "--model", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2 and str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_a_cache_the_model_cannot_use_is_refused_without_a_traceback(monkeypatch, capsys):
+    from hideseek.errors import InputError
+
+    script = _script("learning_point")
+
+    def refuse(*_):
+        raise InputError("slices.npz was made with hu_window, this model uses hu_curve")
+
+    monkeypatch.setattr(studied_model, "load_snapshot", lambda state, step: ("dae", "prep"))
+    monkeypatch.setattr(script, "cached_slice_set", refuse)
+    monkeypatch.setattr("sys.argv", ["learning_point.py", "--manifest", "m.csv", "--snapshot", "s", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2 and "made with hu_window" in capsys.readouterr().err

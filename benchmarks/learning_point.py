@@ -25,6 +25,7 @@ from pathlib import Path
 from studied_model import StudiedModel, add_model_arguments, load_studied
 
 from hideseek.dataset import SliceSet, cached_slice_set
+from hideseek.errors import HideSeekError
 from hideseek.training import learning_point, split_by_vertebra
 
 SHOWN = ("val_auc", "efficacy", "efficacy lytic", "efficacy blastic", "outside_ratio", "p_reencoded_edit")
@@ -52,9 +53,12 @@ def main() -> None:
     if args.fit_cache and not args.fit_manifest:
         parser.error("--fit-cache is the slice cache of --fit-manifest, which is missing")
     studied = load_studied(args, parser)
-    train, val = _split(args.manifest, args.cache, studied, args.seed)
-    if args.fit_manifest:
-        train, _ = _split(args.fit_manifest, args.fit_cache, studied, args.seed)
+    try:
+        train, val = _split(args.manifest, args.cache, studied, args.seed)
+        if args.fit_manifest:
+            train, _ = _split(args.fit_manifest, args.fit_cache, studied, args.seed)
+    except HideSeekError as err:  # e.g. a cache made with another intensity mapping
+        parser.error(str(err))
     point = {"model": studied.name, "version": studied.version, "manifest": str(args.manifest),
              "fit_manifest": str(args.fit_manifest or args.manifest), "val_set": val.vertebra_fingerprint()}
     point |= learning_point(studied.dae, studied.diffusion, train, val, C=args.C, seed=args.seed)

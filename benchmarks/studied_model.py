@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from hideseek.bundle import load_bundle
 from hideseek.classifier import LatentClassifier
-from hideseek.errors import InputError
+from hideseek.errors import HideSeekError
 from hideseek.network import DiffusionAutoencoder
 from hideseek.pipeline import default_model_path
 from hideseek.preprocessing import Preprocessing
@@ -34,7 +34,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_studied(args: argparse.Namespace, parser: argparse.ArgumentParser) -> StudiedModel:
     """The model named by ``--model`` / ``--snapshot``; a bad name ends the script with the reason."""
     if not args.snapshot:
-        bundle = load_bundle(args.model or default_model_path())
+        try:
+            bundle = load_bundle(args.model or default_model_path())
+        except HideSeekError as err:
+            parser.error(str(err))
         return StudiedModel(bundle.dae, bundle.diffusion, bundle.preprocessing, bundle.classifier, bundle.name,
                             bundle.version)
     state, step = args.snapshot
@@ -42,6 +45,6 @@ def load_studied(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
         parser.error(f"--snapshot STATE STEP: the step is a whole number (e.g. 3000), not {step!r}")
     try:
         dae, preprocessing = load_snapshot(state, int(step))
-    except InputError as err:
+    except HideSeekError as err:
         parser.error(str(err))
     return StudiedModel(dae, DiffusionConfig(), preprocessing, None, str(state), step)

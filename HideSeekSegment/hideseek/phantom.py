@@ -34,9 +34,10 @@ ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "PIR", "ASL")
 """Axis codes drawn when no orientation is given (SimpleITK convention: the direction each index axis points to)."""
 
 LYTIC, BLASTIC = 1, 2
+"""Values in the lesion label map."""
+
 LYTIC_HU = (20.0, 60.0)
 """Lytic lesions replace bone with soft tissue (HU range drawn from; a curriculum may darken it)."""
-"""Values in the lesion label map."""
 
 MIMIC_KINDS = ("bone_island", "haemangioma", "schmorl_node", "endplate_sclerosis", "osteophyte", "focal_fat")
 _MIMIC_WEIGHTS = np.array([0.2, 0.2, 0.2, 0.15, 0.15, 0.1])
