@@ -543,3 +543,22 @@ def test_augmentation_moves_the_body_masks_with_their_slices_and_a_resume_may_sw
     assert resumed.history[-1] == {"step": 20, "resume": "body_weight -> 4.0"}
     resumed.run(images, bodies=bodies, state_dir=tmp_path)
     assert resumed.step == 30
+
+
+def test_the_tuning_eta_follows_the_pace_over_all_edits_not_the_current_one():
+    """Each shortlisted edit decodes its healthy edit before its first setting: the ETA must not jump to hours."""
+    from hideseek.training import _tuning_reporter
+
+    now = [0.0]
+    logs: list[dict] = []
+    reporters = [_tuning_reporter(logs.append, edit, 3, started=0.0, clock=lambda: now[0]) for edit in range(3)]
+    for report in reporters:
+        now[0] += 30.0  # the edit's own decode
+        for done in range(1, 91):
+            now[0] += 1.0
+            report(done, 90)
+    assert [r["done"] for r in logs] == list(range(1, 271)) and {r["total"] for r in logs} == {270}
+    first_of_second = logs[90]  # 91 settings and two decodes in 151 s
+    assert first_of_second["eta_s"] == round(151 / 91 * 179, 1)
+    assert max(r["eta_s"] for r in logs[90:]) <= 300  # a per-edit pace would have said 31 s x 179 = 1.5 h
+    assert logs[-1]["eta_s"] == 0

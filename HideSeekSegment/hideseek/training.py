@@ -510,6 +510,20 @@ def _eta(to_the_last_step: float, budget_s: float | None, elapsed_s: float) -> f
     return to_the_last_step if budget_s is None else max(0.0, min(to_the_last_step, budget_s - elapsed_s))
 
 
+def _tuning_reporter(progress: TrainProgress, edit: int, edits: int, started: float,
+                     clock: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
+    """Candidate settings tuned so far over all shortlisted edits, with an ETA from the pace since ``started``
+    (the first edit's start): each edit's own healthy edit comes before its first setting, so a pace measured
+    per edit would jump to hours at every new edit."""
+
+    def report(done: int, total: int) -> None:
+        done_all, total_all = edit * total + done, edits * total
+        pace = (clock() - started) / done_all
+        progress({"export": "tuning", "done": done_all, "total": total_all,
+                  "eta_s": round(pace * (total_all - done_all), 1)})
+    return report
+
+
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write safetensors so that an interrupted write never leaves a half file."""
     with atomic_file(path) as tmp:
@@ -667,19 +681,6 @@ def train_bundle(
         if progress is not None:
             progress({"export": text})
 
-    def tuning_progress(edit: int, edits: int) -> Callable[[int, int], None] | None:
-        """Candidate settings tuned so far over all shortlisted edits, with an ETA: the longest phase."""
-        if progress is None:
-            return None
-        start = time.monotonic()
-
-        def report(done: int, total: int) -> None:
-            done_all, total_all = edit * total + done, edits * total
-            rate = (time.monotonic() - start) / done
-            progress({"export": "tuning", "done": done_all, "total": total_all,
-                      "eta_s": round(rate * (total_all - done_all), 1)})
-        return report
-
     phase(f"encoding {len(train)} training slices and fitting the latent classifier")
     z_train = encode_latents(trainer.ema, train.images).double().numpy()
     classifier, fit_info = fit_classifier(trainer.ema, train, C=classifier_C, seed=cfg.seed, z=z_train)
@@ -702,10 +703,14 @@ def train_bundle(
             phase(f"tuning the candidates of {len(cal.shortlist)} shortlisted edits on {len(mid)} validation slices")
             fast = settings_for("fast")
             inverted = HideAndSeek(trainer.ema, diffusion, classifier, fast).invert(mid.images)  # one for all
+            started = time.monotonic()
+
+            def reporter(edit: int) -> Callable[[int, int], None] | None:
+                return None if progress is None else _tuning_reporter(progress, edit, len(cal.shortlist), started)
+
             tunings = {(c, k): tune_candidates(HideAndSeek(trainer.ema, diffusion, classifiers[c],
                                                            fast.with_overrides(edit_step_scale=k)),
-                                               inverted, mid.bodies, mid.lesions, mid.mimics,
-                                               progress=tuning_progress(i, len(cal.shortlist)))
+                                               inverted, mid.bodies, mid.lesions, mid.mimics, progress=reporter(i))
                        for i, (c, k) in enumerate(cal.shortlist)}
             calibration["shortlist"] = [{"C": c, "step_scale": k, "f1": t.f1} for (c, k), t in tunings.items()]
             (C, scale), tuning = min(tunings.items(),
