@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,9 @@ def test_the_bundled_model_loads_verified_and_says_what_it_is_for():
     assert "import-published" in bundle.card["intended_use"]
     assert bundle.card["metrics"]["learning_curve"] and bundle.card["metrics"]["edit_calibration"]["chosen"]
     assert (path / "MODEL_CARD.md").is_file()
-    state = path.parents[1] / "training" / path.name
+    # the training state its last run names travels with the repository, so the model can be trained further
+    last_run = shlex.split(bundle.card["provenance"]["command"])
+    state = path.parents[1] / last_run[last_run.index("--state") + 1]
     committed = [state / "weights.safetensors", state / "state.json", state / "curve.json"]
     assert sum(p.stat().st_size for p in committed) <= 40 * 2**20
+    assert json.loads((state / "state.json").read_text())["step"] == int(bundle.version)
