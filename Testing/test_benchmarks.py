@@ -188,3 +188,47 @@ def test_a_cache_the_model_cannot_use_is_refused_without_a_traceback(monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         script.main()
     assert exit_info.value.code == 2 and "made with hu_window" in capsys.readouterr().err
+
+
+def _manifest(folder: Path, cases: range) -> Path:
+    folder.mkdir(parents=True)
+    lines = ["case,ct,vertebrae,label,malignant"]
+    lines += [f"case_{n:04d},case_{n:04d}_ct.nii.gz,case_{n:04d}_vertebrae.nii.gz,20,{n % 2}" for n in cases]
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / "manifest.csv"
+
+
+def test_mixed_manifests_keep_the_case_ranges_asked_for_with_distinct_names_and_working_paths(tmp_path):
+    from hideseek.dataset import read_manifest
+
+    mix = _script("mix_manifests")
+    easy, standard = _manifest(tmp_path / "easy", range(4)), _manifest(tmp_path / "std", range(4))
+    out = tmp_path / "mixes" / "mix.csv"
+    mix.main([f"{easy}:0-1", f"{standard}:2-3", "--out", str(out)])
+    rows = read_manifest(out)  # paths resolve from the new manifest's folder
+    assert [r["case"] for r in rows] == ["easy-case_0000", "easy-case_0001", "std-case_0002", "std-case_0003"]
+    assert [Path(r["ct"]) for r in rows] == [tmp_path / "easy" / "case_0000_ct.nii.gz",
+                                            tmp_path / "easy" / "case_0001_ct.nii.gz",
+                                            tmp_path / "std" / "case_0002_ct.nii.gz",
+                                            tmp_path / "std" / "case_0003_ct.nii.gz"]
+    assert not Path(out.read_text(encoding="utf-8").splitlines()[1].split(",")[1]).is_absolute()
+
+
+@pytest.mark.parametrize("sources, message", [(["{m}:5-9"], "no row in that case range"),
+                                              (["{m}:x-9"], "a case range is FIRST-LAST"),
+                                              (["{m}", "{m}.missing"], "file not found")])
+def test_a_mix_that_selects_nothing_or_cannot_be_read_is_refused(tmp_path, sources, message):
+    mix = _script("mix_manifests")
+    m = _manifest(tmp_path / "set", range(3))
+    with pytest.raises(SystemExit, match=message):
+        mix.main([s.format(m=m) for s in sources] + ["--out", str(tmp_path / "mix.csv")])
+    assert not (tmp_path / "mix.csv").exists()
+
+
+def test_an_existing_mixed_manifest_is_not_overwritten(tmp_path):
+    mix = _script("mix_manifests")
+    m, out = _manifest(tmp_path / "set", range(3)), tmp_path / "mix.csv"
+    out.write_text("mine", encoding="utf-8")
+    with pytest.raises(SystemExit, match="exists"):
+        mix.main([str(m), "--out", str(out)])
+    assert out.read_text(encoding="utf-8") == "mine"
