@@ -19,10 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-from hideseek.dataset import read_manifest
+from hideseek.dataset import PATH_COLUMNS, read_manifest
 from hideseek.errors import HideSeekError
-
-PATH_COLUMNS = ("ct", "vertebrae", "body", "lesions", "mimics")
 
 
 def _source(spec: str) -> tuple[Path, range | None]:

@@ -26,6 +26,7 @@ from .vertebrae import Vertebra, VertebraLabels, load_vertebra_labels, vertebral
 from .volume import extract_vertebra_slices, sample_labels
 
 REQUIRED_COLUMNS = ("ct", "vertebrae", "label", "malignant")
+PATH_COLUMNS = ("ct", "vertebrae", "body", "lesions", "mimics")  # relative to the manifest's folder
 MADE_WITH = "made_with"  # key of a cached set's record of the preprocessing and mode it was extracted with
 
 
@@ -111,7 +112,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     for n, row in enumerate(rows, start=2):
         if row["malignant"] not in ("0", "1"):
             raise InputError(f"manifest {path} line {n}: malignant must be 0 or 1, got {row['malignant']!r}")
-        for key in ("ct", "vertebrae", "body", "lesions", "mimics"):
+        for key in PATH_COLUMNS:
             if row.get(key):
                 row[key] = str((path.parent / row[key]).resolve())
     return rows
