@@ -232,3 +232,39 @@ def test_an_existing_mixed_manifest_is_not_overwritten(tmp_path):
     with pytest.raises(SystemExit, match="exists"):
         mix.main([str(m), "--out", str(out)])
     assert out.read_text(encoding="utf-8") == "mine"
+
+
+def test_the_twin_direction_of_a_slice_comes_from_the_other_half_of_the_vertebrae():
+    import torch
+
+    oracle = _script("edit_oracle")
+    z = torch.zeros(4, 2)
+    z_twin = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 3.0]])
+    direction = oracle.half_direction(z, z_twin, np.array([0, 1, 2, 3]))
+    assert torch.equal(direction[0], torch.tensor([0.0, 2.0])) and torch.equal(direction[2], direction[0])
+    assert torch.equal(direction[1], torch.tensor([2.0, 0.0]))
+
+
+def test_the_twin_study_compares_edits_against_a_truth_that_removes_the_lesions(toy_bundle, monkeypatch, capsys,
+                                                                                tmp_path):
+    oracle = _script("edit_oracle")
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["edit_oracle.py", "--pairs", str(tmp_path / "pairs"), "--cases", "1",
+                                     "--seed", "5", "--slices", "4", "--model", str(toy_bundle), "--out", str(out)])
+    oracle.main()
+    rows = json.loads((out / "oracle.json").read_text())["rows"]
+    assert set(rows) == {*oracle.EDITS, "input"} and rows["input"]["slices"] == 4
+    assert rows["truth"]["efficacy"] > 0.5 and rows["truth"]["outside_ratio"] < 0.3  # the twin lacks only lesions
+    assert rows["classifier"]["cosine_to_normal"] == pytest.approx(1.0)
+    assert -1 <= rows["twin code"]["cosine_to_normal"] <= 1
+    assert (out / "examples.png").stat().st_size > 0 and "| twin code |" in capsys.readouterr().out
+
+    # pairs that no longer match (one set regenerated from another seed) are refused, not compared
+    import shutil
+
+    shutil.rmtree(tmp_path / "pairs" / "twins")
+    (tmp_path / "pairs" / "slices-twins.npz").unlink()
+    monkeypatch.setattr("sys.argv", ["edit_oracle.py", "--pairs", str(tmp_path / "pairs"), "--cases", "1",
+                                     "--seed", "6", "--model", str(toy_bundle), "--out", str(out)])
+    with pytest.raises(SystemExit, match="do not hold the same slices"):
+        oracle.main()

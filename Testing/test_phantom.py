@@ -6,6 +6,7 @@ import csv
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from hideseek import phantom as P
 from hideseek.cli import main
@@ -101,6 +102,18 @@ def test_a_curriculum_draws_darker_larger_lytic_lesions_and_leaves_the_defaults_
     assert all(20 <= les.hu <= 60 for les in default_lytic)
     assert np.median(easy.ct[easy.tissue == P.LYTIC_T]) < np.median(case.ct[case.tissue == P.LYTIC_T])
     assert (easy.lesions == P.LYTIC).sum() > (case.lesions == P.LYTIC).sum()
+
+
+def test_a_healthy_twin_is_the_same_case_without_its_lesions(case):
+    twin = P.generate_case(3, lesion_rate=1.0, mimic_rate=1.0, orientation="LPS", paint_lesions=False, **SMALL)
+    assert np.array_equal(twin.lesions, case.lesions) and np.array_equal(twin.vertebrae, case.vertebrae)
+    assert [r.lesions for r in twin.records] == [r.lesions for r in case.records]
+    near = ndimage.distance_transform_edt(case.lesions == 0) <= 8  # soft edges, cortex breaches, scanner blur
+    assert np.array_equal(twin.ct[~near], case.ct[~near]), "the twin differs only around the lesions"
+    blastic, lytic = case.lesions == P.BLASTIC, case.lesions == P.LYTIC
+    assert np.median(twin.ct[blastic]) < np.median(case.ct[blastic]) - 150
+    assert np.median(twin.ct[lytic]) > np.median(case.ct[lytic]) + 30
+    assert not np.isin(twin.tissue, (P.LYTIC_T, P.BLASTIC_T)).any()
 
 
 def test_cli_writes_a_set_the_pipeline_reads(tmp_path, capsys):

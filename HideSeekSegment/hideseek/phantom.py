@@ -345,6 +345,7 @@ class _Case:
     min_lesion_mm: float
     lytic_hu: tuple[float, float]
     lytic_min_mm: float
+    paint_lesions: bool
     lesion_id: np.ndarray = field(default=None)  # type: ignore[assignment]
     lesion_list: list[tuple[_Vertebra, LesionRecord]] = field(default_factory=list)
 
@@ -903,19 +904,22 @@ def _add_lesion(case: _Case, vt: _Vertebra, f: _VertebraFields, kind: str) -> No
     breach = kind == "lytic" and rng.random() < 0.5
     texture = 1 + (0.1 if kind == "blastic" else 0.0) * _smooth_noise(rng, alpha.shape, [1.5, 1.5, 1.5])
     value = hu * texture
+    paint = alpha if case.paint_lesions else np.zeros_like(alpha)  # a healthy twin keeps the draws, not the HU
     interior = f.interior_hu[rel]
-    interior[...] = interior * (1 - alpha) + alpha * value
+    interior[...] = interior * (1 - paint) + paint * value
     changed = alpha * (np.broadcast_to(f.outer[rel], alpha.shape) if breach else f.inner[rel])
     if breach:
         cortex = f.cortex_hu[rel]
-        cortex[...] = cortex * (1 - alpha) + alpha * value
+        cortex[...] = cortex * (1 - paint) + paint * value
         through = (alpha >= 0.5) & (f.inner[rel] < 0.5) & (f.outer[rel] > 0.3)
         rec.breach = bool(through.any())
-        outside = np.zeros(f.outer.shape, dtype=np.float32)
-        outside[rel] = alpha * (1 - f.outer[rel]) * (f.d_union[rel] < 6)
-        f.extra.append((outside, hu, LYTIC_T))
+        if case.paint_lesions:
+            outside = np.zeros(f.outer.shape, dtype=np.float32)
+            outside[rel] = alpha * (1 - f.outer[rel]) * (f.d_union[rel] < 6)
+            f.extra.append((outside, hu, LYTIC_T))
     mask = changed >= 0.5
-    f.tissue_code[rel][mask] = LYTIC_T if kind == "lytic" else BLASTIC_T
+    if case.paint_lesions:
+        f.tissue_code[rel][mask] = LYTIC_T if kind == "lytic" else BLASTIC_T
     ids = case.lesion_id[f.box][rel]
     ids[mask] = lesion_id
 
@@ -1158,6 +1162,7 @@ def generate_case(
     size: tuple[float, float] = (150.0, 170.0),
     lytic_hu: tuple[float, float] = LYTIC_HU,
     lytic_min_mm: float = 3.0,
+    paint_lesions: bool = True,
 ) -> PhantomCase:
     """Generate one synthetic CT case.
 
@@ -1167,6 +1172,8 @@ def generate_case(
     malignant with probability lesion_rate and carries 1-2 benign mimics with probability mimic_rate.
     lytic_hu (low, high) and lytic_min_mm (smallest lytic diameter) can make lytic lesions easier to see than
     the literature's, for a training curriculum (at the defaults a seed gives the same case as before they existed).
+    paint_lesions=False gives the case's *healthy twin*: every random draw, label map and lesion record is the
+    same, but no lesion changes the HU, so the CT is what a perfect healthy edit of the lesioned case would show.
     The anatomy depends only on the seed and the levels, never on spacing-independent choices such as orientation.
     """
     for name, rate in (("lesion_rate", lesion_rate), ("mimic_rate", mimic_rate)):
@@ -1208,6 +1215,7 @@ def generate_case(
         lesion_rate=float(lesion_rate), mimic_rate=float(mimic_rate),
         min_lesion_mm=max(3.0, 2.0 * max(img_spacing)),
         lytic_hu=(float(lytic_hu[0]), float(lytic_hu[1])), lytic_min_mm=float(lytic_min_mm),
+        paint_lesions=bool(paint_lesions),
     )  # fmt: skip
     # Jang et al. 2019: L1 trabecular attenuation falls ~2.5 HU/year from ~226 HU (< 30 y)
     base_hu = float(np.clip(226 - 2.5 * (age - 27) + rng.normal(0, 20), 105, 255))
