@@ -311,7 +311,12 @@ def test_the_shortlist_ranks_edits_by_change_inside_over_outside_lesions():
     table = [{"C": C, "step_scale": k, "inside": i, "outside": o} for C, k, i, o in [
         (0.01, 1, 0.0522, 0.0288), (0.01, 3, 0.0722, 0.0583), (0.01, 10, 0.2450, 0.2622),
         (0.001, 1, 0.1175, 0.0770), (0.001, 3, 0.1129, 0.0817), (0.001, 30, 0.7592, 0.8436)]]
-    assert shortlist(table) == [(0.001, 1), (0.001, 3), (0.01, 1)]
-    assert shortlist(table, size=1) == [(0.001, 1)]
+    assert shortlist(table) == [(0.001, "normal", 1), (0.001, "normal", 3), (0.01, "normal", 1)]
+    assert shortlist(table, size=1) == [(0.001, "normal", 1)]
     tied = [{"C": 1.0, "step_scale": k, "inside": 0.2, "outside": 0.1} for k in (1, 3)]
-    assert shortlist(tied) == [(1.0, 1), (1.0, 3)]  # table order breaks ties
+    assert shortlist(tied) == [(1.0, "normal", 1), (1.0, "normal", 3)]  # table order breaks ties
+    # An edit along the class-mean difference joins the normal's three; it never pushes one of them out.
+    means = [{"C": C, "direction": "class means", "step_scale": k, "inside": i, "outside": o} for C, k, i, o in [
+        (0.01, 1, 0.1466, 0.0669), (0.01, 3, 0.2489, 0.2171), (0.001, 1, 0.1479, 0.0701)]]
+    assert shortlist(table + means) == [(0.001, "normal", 1), (0.001, "normal", 3), (0.01, "normal", 1),
+                                        (0.01, "class means", 1)]

@@ -268,3 +268,15 @@ def test_the_twin_study_compares_edits_against_a_truth_that_removes_the_lesions(
                                      "--seed", "6", "--model", str(toy_bundle), "--out", str(out)])
     with pytest.raises(SystemExit, match="do not hold the same slices"):
         oracle.main()
+
+
+def test_the_class_mean_direction_points_from_healthy_to_malignant_codes():
+    directions = _script("edit_directions")
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1], 50)
+    z = rng.standard_normal((100, 4))
+    z[:, 1] += 2.0 * labels
+    dirs, _ = directions.directions(z, labels, seed=0)
+    assert set(dirs) == {*(f"C = {c:g}" for c in directions.CS), directions.CLASS_MEANS}
+    for d in dirs.values():
+        assert int(np.argmax(np.abs(d.numpy()))) == 1 and float(d[1]) > 0

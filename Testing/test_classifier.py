@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from hideseek.classifier import LatentClassifier, fit_latent_classifier, roc_auc, stratified_folds
+from hideseek.classifier import (
+    LatentClassifier,
+    class_mean_direction,
+    fit_latent_classifier,
+    roc_auc,
+    stratified_folds,
+)
 from hideseek.errors import InputError
 
 sklearn = pytest.importorskip("sklearn")
@@ -158,6 +164,42 @@ def test_json_round_trip_is_exact():
     for name in ("coef", "mean", "scale"):
         assert np.array_equal(getattr(again, name), getattr(clf, name))
     assert again.intercept == clf.intercept
+
+
+def test_an_edit_direction_is_followed_until_the_classifier_says_the_target():
+    from dataclasses import replace
+
+    clf = _random_classifier()
+    z = torch.tensor(np.random.default_rng(4).normal(size=(5, 8)), dtype=torch.float32)
+    # Along the normal written as a raw-z direction, the edit is exactly the plain one.
+    normal = replace(clf, edit_direction=clf.scale * clf.coef)
+    assert torch.allclose(normal.edit(z, 1e-3, step_scale=2.0), clf.edit(z, 1e-3, step_scale=2.0), atol=1e-5)
+    other = clf.scale * clf.coef + np.random.default_rng(5).normal(scale=0.3, size=8)
+    along = replace(clf, edit_direction=other)
+    z_edit = along.edit(z, 1e-3)
+    assert torch.allclose(clf.probability(z_edit.double()), torch.full((5,), 1e-3, dtype=torch.float64), rtol=1e-3)
+    move = (z_edit - z).double().numpy()
+    assert np.allclose(move / np.linalg.norm(move, axis=1, keepdims=True), -other / np.linalg.norm(other), atol=1e-5)
+    # The direction travels with the classifier's JSON form; one that cannot make z healthier is refused.
+    again = LatentClassifier.from_dict(json.loads(json.dumps(along.to_dict())))
+    assert np.array_equal(again.edit_direction, along.edit_direction)
+    assert "edit_direction" not in clf.to_dict()
+    with pytest.raises(ValueError, match="does not raise"):
+        replace(clf, edit_direction=-other)
+    with pytest.raises(ValueError, match="edit_direction has shape"):
+        replace(clf, edit_direction=other[:3])
+
+
+def test_the_class_mean_direction_is_the_limit_of_a_strong_penalty():
+    x, y = _synthetic()
+    means = class_mean_direction(x, y)
+    assert np.allclose(means, x[y == 1].mean(0) - x[y == 0].mean(0))
+    clf, _ = fit_latent_classifier(x, y, C=1e-7, class_weight="balanced")
+    raw_normal = clf.scale * clf.coef  # the normal of standardized space as a move of raw z
+    cosine = raw_normal @ means / np.linalg.norm(raw_normal) / np.linalg.norm(means)
+    assert cosine > 0.999
+    with pytest.raises(InputError, match="both classes"):
+        class_mean_direction(x, np.zeros(len(y), int))
 
 
 @pytest.mark.parametrize(

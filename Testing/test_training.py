@@ -170,11 +170,11 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     # The minutes between the last step and the bundle are reported phase by phase, after the training records.
     phases = [r["export"] for r in records if "export" in r and "done" not in r]
     assert [p.split()[0] for p in phases] == ["encoding", "calibrating", "tuning"]
-    assert "export" not in records[0] and "3 shortlisted edits" in phases[-1]
+    assert "export" not in records[0] and "4 shortlisted edits" in phases[-1]
     # Within the tuning, every candidate setting of every shortlisted edit is counted, with an ETA.
     tuned = records[records.index({"export": phases[-1]}) + 1:]
     settings = math.prod(len(values) for values in CANDIDATE_GRID.values())
-    assert [(r["done"], r["total"]) for r in tuned] == [(i, 3 * settings) for i in range(1, 3 * settings + 1)]
+    assert [(r["done"], r["total"]) for r in tuned] == [(i, 4 * settings) for i in range(1, 4 * settings + 1)]
     assert all(r["eta_s"] >= 0 for r in tuned) and tuned[-1]["eta_s"] == 0
     card = bundle.card
     assert card["training"]["steps"] == 40 and bundle.manifest["name"] == "toy"
@@ -184,7 +184,8 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert "efficacy lytic" not in curve[-1]  # the toy lesions are all blastic
     assert bundle.preprocessing == prep
     calibration = card["metrics"]["edit_calibration"]
-    assert len(calibration["table"]) == 8  # two classifier strengths x four edit steps
+    assert len(calibration["table"]) == 16  # two classifier strengths x two directions x four edit steps
+    assert {r["direction"] for r in calibration["table"]} == {"normal", "class means"}
     chosen = calibration["chosen"]
     tuning = card["metrics"]["candidate_tuning"]
     assert bundle.method["presets"]["fast"] == {"edit_step_scale": chosen["step_scale"], **tuning["chosen"]}
@@ -194,7 +195,10 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert bundle.manifest["classifier"]["fit"]["C"] == chosen["C"]
     # Candidate tuning chose the edit among the calibration's shortlist by its best F1.
     tried = calibration["shortlist"]
-    assert len(tried) == 3 and {"C": chosen["C"], "step_scale": chosen["step_scale"], "f1": tuning["f1"]} in tried
+    assert len(tried) == 4 and chosen | {"f1": tuning["f1"]} in tried
+    assert [r["direction"] for r in tried].count("class means") == 1
+    # The bundle's classifier edits along the chosen direction.
+    assert (bundle.classifier.edit_direction is not None) == (chosen["direction"] == "class means")
     assert tuning["f1"] == max(r["f1"] for r in tried)
     # Resuming continues the same run and keeps its curve; a last step between checkpoints gets its point too.
     out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=50), prep,
@@ -212,10 +216,21 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     manifest = json.loads((out2 / "model.json").read_text(encoding="utf-8"))
     for point in manifest["card"]["metrics"]["learning_curve"][:2]:
         del point["edit_slices"]
+    # ... and the chosen edit is named with its direction; cards from before there was a choice have none.
+    calibration = manifest["card"]["metrics"]["edit_calibration"]
+    calibration["chosen"] |= {"C": 0.01, "direction": "class means", "step_scale": 3}
     write_model_card(tmp_path, manifest)
     old_card = (tmp_path / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "| 20 ‡ |" in old_card and "| 40 ‡ |" in old_card and "| 50 |" in old_card
     assert "‡ edit measured on the first 32 validation slices with lesions" in old_card
+    assert "Chosen: classifier C = 0.01, edit along the difference of the class means, edit step × 3" in old_card
+    assert "(C = 0.01, class means × 3): edit efficacy" in old_card
+    for row in [calibration["chosen"], *calibration["table"]]:
+        row.pop("direction")
+    calibration["chosen"]["step_scale"] = 1
+    write_model_card(tmp_path, manifest)
+    old_card = (tmp_path / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "Chosen: classifier C = 0.01, edit step × 1" in old_card and "| 0.01 | normal | 1 |" in old_card
     # A resume on other vertebrae marks the points measured on the old validation set.
     other = dataclasses.replace(_toy_slice_set(), names=np.array([f"w{i}" for i in range(8)]))
     out3 = train_bundle(other, tmp_path / "bundle", tmp_path / "state", _cfg(steps=60), prep,
@@ -272,9 +287,10 @@ def test_a_compact_state_resumes_with_the_ema_of_its_bundle_and_a_zero_budget_re
         "hideseek phantom X", "hideseek train A   # from step 0", "hideseek train B   # from step 20"]
     card_md = (out / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "synthetic data" in card_md and "`hideseek train B   # from step 20`" in card_md
-    chosen = next(r for r in bundle.card["metrics"]["edit_calibration"]["table"]
-                  if r["C"] == bundle.manifest["classifier"]["fit"]["C"]
-                  and r["step_scale"] == bundle.method["presets"]["fast"]["edit_step_scale"])
+    calibration = bundle.card["metrics"]["edit_calibration"]
+    chosen = next(r for r in calibration["table"]
+                  if all(r[k] == calibration["chosen"][k] for k in ("C", "direction", "step_scale")))
+    assert chosen["C"] == bundle.manifest["classifier"]["fit"]["C"]
     assert (f"edit efficacy {chosen['efficacy']:.2f} (blastic {chosen['efficacy blastic']:.2f}) (target ≥ 0.7)"
             in card_md)  # the toy lesions are all blastic
 

@@ -31,7 +31,7 @@ from hideseek.training import learning_point, split_by_vertebra
 SHOWN = ("val_auc", "efficacy", "efficacy lytic", "efficacy blastic", "outside_ratio", "p_reencoded_edit")
 
 
-def _split(manifest: str, cache: str | None, studied: StudiedModel, seed: int) -> tuple[SliceSet, SliceSet]:
+def split_manifest(manifest: str, cache: str | None, studied: StudiedModel, seed: int) -> tuple[SliceSet, SliceSet]:
     """A manifest's training and validation slices, split as ``hideseek train`` splits them."""
     data = cached_slice_set(manifest, studied.preprocessing, cache)
     held = split_by_vertebra(data.vertebra, data.malignant, 0.1, seed)
@@ -54,9 +54,9 @@ def main() -> None:
         parser.error("--fit-cache is the slice cache of --fit-manifest, which is missing")
     studied = load_studied(args, parser)
     try:
-        train, val = _split(args.manifest, args.cache, studied, args.seed)
+        train, val = split_manifest(args.manifest, args.cache, studied, args.seed)
         if args.fit_manifest:
-            train, _ = _split(args.fit_manifest, args.fit_cache, studied, args.seed)
+            train, _ = split_manifest(args.fit_manifest, args.fit_cache, studied, args.seed)
     except HideSeekError as err:  # e.g. a cache made with another intensity mapping
         parser.error(str(err))
     point = {"model": studied.name, "version": studied.version, "manifest": str(args.manifest),

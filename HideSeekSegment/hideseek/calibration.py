@@ -2,8 +2,9 @@
 
 A weakly trained decoder responds little to z, and the classifier's normal decides which z directions the edit
 moves along (a strong L2 penalty spreads it over directions the decoder uses; see
-``../shared/notes/cpu-dae-prototype.md``). So the healthy edit is calibrated, not guessed: for each
-(C, step scale) the edit of validation slices is measured — efficacy inside true lesions, change outside them,
+``../shared/notes/cpu-dae-prototype.md``; the class-mean difference, the limit C -> 0, changed the rest of the
+body least on the demo model). So the healthy edit is calibrated, not guessed: for each (C, direction, step
+scale) the edit of validation slices is measured — efficacy inside true lesions, change outside them,
 P(malignant) of the re-encoded edit — and the settings whose change inside lesions exceeds the change outside
 by the most are shortlisted; candidate tuning then keeps the one with the best lesion F1. (The earlier rule,
 "most effective with outside change ≤ half the inside", fell back to the weakest edit whenever no setting met
@@ -39,8 +40,15 @@ from .metrics import (
 from .network import DiffusionAutoencoder
 from .sampler import DDIMSampler, DiffusionConfig
 
+NORMAL, CLASS_MEANS = "normal", "class means"
+"""Edit directions: the classifier's normal, or the class-mean difference (``classifier.class_mean_direction``)."""
+
+EditKey = tuple[float, str]
+"""(C, direction) of an edit's classifier; with the step scale, (C, direction, scale) names a calibrated edit."""
+
 SHORTLIST = 3
-"""Edit settings handed to candidate tuning: each costs one tuning (an edit of the tuning slices and the grid)."""
+"""Edits along the normal handed to candidate tuning (with one along the class-mean difference): each costs one
+tuning (an edit of the tuning slices and the grid)."""
 
 CANDIDATE_GRID: dict[str, tuple] = {
     "body_margin_px": (0, 2, 3, 4, 6),
@@ -65,7 +73,7 @@ simply left unsearched, so the gates are scored on the ungated run without anoth
 
 @dataclass(frozen=True)
 class Calibration:
-    shortlist: list[tuple[float, float]]  # (C, step scale), the most lesion-specific edit first
+    shortlist: list[tuple[float, str, float]]  # (C, direction, step scale), the most lesion-specific edit first
     table: list[dict]  # every setting tried, with its measurements
 
 
@@ -73,7 +81,7 @@ class Calibration:
 def calibrate_edit(
     model: DiffusionAutoencoder,
     diffusion: DiffusionConfig,
-    classifiers: dict[float, LatentClassifier],
+    classifiers: dict[EditKey, LatentClassifier],
     val: SliceSet,
     *,
     scales: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0),
@@ -81,8 +89,8 @@ def calibrate_edit(
     steps: int = 20,
     max_slices: int = 32,
 ) -> Calibration:
-    """Measure every (C, scale) on up to ``max_slices`` slices with lesions, drawn by lesion type and vertebra
-    (``SliceSet.lesion_sample``), and shortlist them (see module doc)."""
+    """Measure every (C, direction, scale) on up to ``max_slices`` slices with lesions, drawn by lesion type and
+    vertebra (``SliceSet.lesion_sample``), and shortlist them (see module doc)."""
     has = val.lesion_sample(max_slices)
     if has.size == 0:
         raise ValueError("calibration needs validation slices with true lesions")
@@ -94,25 +102,30 @@ def calibrate_edit(
     xT = sampler.encode(model, x, z)
     recon = sampler.decode(model, xT, z)[:, 0].cpu().numpy()
     table = []
-    for C, clf in classifiers.items():
+    for (C, direction), clf in classifiers.items():
         for scale in scales:
             z_edit = clf.edit(z.double(), target_probability, step_scale=scale).to(z.dtype)
             edit_t = sampler.decode(model, xT, z_edit)
             edit = edit_t[:, 0].cpu().numpy()
             row = edit_efficacy(images[has], recon, edit, lesions[has], bodies[has], LESION_TYPES)
             row["p_reencoded_edit"] = float(clf.probability(model.encode(edit_t)).mean())
-            table.append({"C": C, "step_scale": scale, **json_measurements(row)})
+            table.append({"C": C, "direction": direction, "step_scale": scale, **json_measurements(row)})
     return Calibration(shortlist(table), table)
 
 
-def shortlist(table: list[dict], size: int = SHORTLIST) -> list[tuple[float, float]]:
-    """The ``size`` settings of a calibration table whose mean change inside lesions exceeds the change outside
-    them by the most: an edit that changes lesion and normal bone alike only makes false candidates."""
+def shortlist(table: list[dict], size: int = SHORTLIST) -> list[tuple[float, str, float]]:
+    """The ``size`` edits along the classifier's normal whose mean change inside lesions exceeds the change
+    outside them by the most (an edit that changes lesion and normal bone alike only makes false candidates), then
+    the most lesion-specific edit along each other direction: a new direction competes with the normal's
+    shortlist, it never pushes one of them out. Rows without a direction (tables from before there was a choice)
+    moved along the normal."""
     def margin(row: dict) -> float:  # an undefined change (not in the row) ranks last
         return row["outside"] - row["inside"] if "inside" in row and "outside" in row else np.inf
 
     ranked = sorted(table, key=margin)  # stable: table order breaks ties
-    return [(r["C"], r["step_scale"]) for r in ranked[:size]]
+    keys = [(r["C"], r.get("direction", NORMAL), r["step_scale"]) for r in ranked]
+    others = list(dict.fromkeys(d for _, d, _ in keys if d != NORMAL))
+    return [k for k in keys if k[1] == NORMAL][:size] + [next(k for k in keys if k[1] == d) for d in others]
 
 
 @dataclass(frozen=True)

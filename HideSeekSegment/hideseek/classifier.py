@@ -1,7 +1,10 @@
 """The latent classifier: L2 logistic regression on standardized semantic codes, and the edit along its normal.
 
 Hide-and-Seek labels only whole vertebrae, so the classifier on the DAE's semantic code z is what defines
-"malignant": its normal is the direction along which z is moved to render a healthy counterpart. Everything
+"malignant": its normal is the direction along which z is moved to render a healthy counterpart. A classifier
+may carry another ``edit_direction`` (e.g. ``class_mean_direction``, the limit of its normal for C -> 0, which
+cannot fit the training vertebrae's own codes): the edit then moves along that, still until the classifier says
+the target probability. Everything
 here computes in float64, because the edit places z exactly at a target probability (e.g. 1e-5), far out in
 the sigmoid's tail where float32 rounding would miss it.
 
@@ -46,6 +49,7 @@ class LatentClassifier:
     intercept: float
     mean: np.ndarray
     scale: np.ndarray
+    edit_direction: np.ndarray | None = None  # raw-z move towards malignant; None = along the normal
 
     def __post_init__(self) -> None:
         coef, mean, scale = (_vector(n, getattr(self, n)) for n in ("coef", "mean", "scale"))
@@ -53,6 +57,14 @@ class LatentClassifier:
             raise ValueError(
                 f"classifier shapes disagree: coef {coef.shape}, mean {mean.shape}, scale {scale.shape}"
             )
+        if self.edit_direction is not None:
+            direction = _vector("edit_direction", self.edit_direction)
+            if direction.shape != coef.shape:
+                raise ValueError(f"classifier edit_direction has shape {direction.shape}, coef {coef.shape}")
+            if not float(coef / scale @ direction) > 0:
+                raise ValueError("classifier edit_direction does not raise P(malignant): "
+                                 "it cannot edit towards healthy")
+            object.__setattr__(self, "edit_direction", direction)
         if np.any(scale <= 0):
             raise ValueError(f"classifier scale must be positive; {int(np.sum(scale <= 0))} entries are not")
         intercept = float(self.intercept)
@@ -73,21 +85,24 @@ class LatentClassifier:
 
     @classmethod
     def from_dict(cls, data: dict) -> LatentClassifier:
-        """Build from the JSON form; exactly the keys of ``to_dict`` are accepted."""
+        """Build from the JSON form; exactly the keys of ``to_dict`` are accepted (``edit_direction`` optional)."""
         expected = {"coef", "intercept", "mean", "scale"}
-        if not isinstance(data, dict) or set(data) != expected:
+        if not isinstance(data, dict) or not expected <= set(data) <= expected | {"edit_direction"}:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"classifier needs exactly the keys {sorted(expected)}, got {keys}")
-        return cls(coef=data["coef"], intercept=data["intercept"], mean=data["mean"], scale=data["scale"])
+            raise ValueError(f"classifier needs exactly the keys {sorted(expected)} (and optionally "
+                             f"'edit_direction'), got {keys}")
+        return cls(coef=data["coef"], intercept=data["intercept"], mean=data["mean"], scale=data["scale"],
+                   edit_direction=data.get("edit_direction"))
 
     def to_dict(self) -> dict:
         """JSON-able form; Python floats keep every bit, so a JSON round trip is exact."""
-        return {
+        out = {
             "coef": self.coef.tolist(),
             "intercept": self.intercept,
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
         }
+        return out if self.edit_direction is None else out | {"edit_direction": self.edit_direction.tolist()}
 
     def _as64(self, z: torch.Tensor) -> torch.Tensor:
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.dim:
@@ -127,7 +142,8 @@ class LatentClassifier:
         return norm
 
     def edit(self, z: torch.Tensor, target_probability: float, step_scale: float = 1.0) -> torch.Tensor:
-        """Move z along the boundary's unit normal (in standardized space) until P(malignant) = target.
+        """Move z along the boundary's unit normal (in standardized space), or against ``edit_direction`` when the
+        classifier has one, until P(malignant) = target.
 
         ``step_scale`` multiplies the move (k > 1 over-shoots the boundary, as needed when the decoder
         responds weakly to z). The result has z's dtype and device, ready to be fed back to the network.
@@ -138,12 +154,29 @@ class LatentClassifier:
             raise ValueError(f"step_scale must be finite, got {step_scale}")
         norm = self._checked_norm()
         target_logit = math.log(target_probability) - math.log1p(-target_probability)
+        if self.edit_direction is not None:
+            direction = self._param(self.edit_direction, z.device)
+            slope = float(self.coef / self.scale @ self.edit_direction)  # d logit per unit move along it
+            distance = (self.logit(z) - target_logit) / slope
+            return (self._as64(z) - step_scale * distance[:, None] * direction).to(z.dtype)
         s = self.standardize(z)
         unit_normal = self._param(self.coef, z.device) / norm
         distance = (target_logit - self._logit_standardized(s)) / norm
         s_edit = s + step_scale * distance[:, None] * unit_normal
         z_edit = s_edit * self._param(self.scale, z.device) + self._param(self.mean, z.device)
         return z_edit.to(z.dtype)
+
+
+def class_mean_direction(z: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | Sequence[int]) -> np.ndarray:
+    """Mean code of the malignant class minus that of the healthy class: an ``edit_direction``.
+
+    It is the limit of the L2 logistic normal as C -> 0 (in raw z), and on the demo model it edits lesions as
+    strongly as the fitted normal while changing the rest of the body less (BENCHMARKS.md section 3)."""
+    x = _latents(z)
+    labels = _binary_labels(y, "y")
+    if labels.size != x.shape[0] or np.bincount(labels, minlength=2).min() == 0:
+        raise InputError("the class-mean direction needs one label per latent and both classes")
+    return x[labels == 1].mean(axis=0) - x[labels == 0].mean(axis=0)
 
 
 def roc_auc(y: Sequence[int] | np.ndarray, score: Sequence[float] | np.ndarray) -> float:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .calibration import NORMAL
+
 CURVE_FILE = "learning_curve.png"
 CARD_FILE = "MODEL_CARD.md"
 PER_TYPE = ("lytic", "blastic")
@@ -85,14 +87,15 @@ def write_model_card(folder: Path, manifest: dict) -> None:
             "",
             "## Edit calibration (validation lesions)",
             "",
-            f"Chosen: classifier C = {chosen['C']:g}, edit step × {chosen['step_scale']:g}"
+            f"Chosen: {_edit_name(chosen)}"
             f"{_shortlist_clause(calibration.get('shortlist'))} (see calibration.py).",
             "",
-            "| C | step × | efficacy | lytic | blastic | inside | outside | outside ratio | P(edit) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| C | direction | step × | efficacy | lytic | blastic | inside | outside | outside ratio | P(edit) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['C']:g} | {r['step_scale']:g} | {_value(r, 'efficacy', '.3f')} | {_per_type(r)} | "
+            f"| {r['C']:g} | {r.get('direction', NORMAL)} | {r['step_scale']:g} | {_value(r, 'efficacy', '.3f')} | "
+            f"{_per_type(r)} | "
             f"{_value(r, 'inside', '.4f')} | {_value(r, 'outside', '.4f')} | {_value(r, 'outside_ratio', '.2f')} | "
             f"{_value(r, 'p_reencoded_edit', '.3f')} |"
             for r in calibration["table"]
@@ -105,11 +108,21 @@ def _shortlist_clause(shortlist: list[dict] | None) -> str:
     """Cards from before the shortlist say only what was chosen."""
     if not shortlist:
         return ""
-    tried = "; ".join(f"C = {r['C']:g} × {r['step_scale']:g}" + (f" (F1 {r['f1']:.3f})" if "f1" in r else "")
+    tried = "; ".join(_edit_name(r, short=True) + (f" (F1 {r['f1']:.3f})" if "f1" in r else "")
                       for r in shortlist)
     how = ", by the best lesion F1 of candidate tuning" if all("f1" in r for r in shortlist) else ""
     return (f", from the {len(shortlist)} settings whose change inside lesions exceeds the change outside by the "
             f"most ({tried}){how}")
+
+
+def _edit_name(edit: dict, short: bool = False) -> str:
+    """'classifier C = 0.001, edit step × 1', naming the direction when it is not the classifier's normal (cards
+    from before there was a choice have none)."""
+    direction = edit.get("direction", NORMAL)
+    if short:
+        return f"C = {edit['C']:g}{'' if direction == NORMAL else f', {direction}'} × {edit['step_scale']:g}"
+    along = "" if direction == NORMAL else f", edit along the difference of the {direction}"
+    return f"classifier C = {edit['C']:g}{along}, edit step × {edit['step_scale']:g}"
 
 
 def _value(row: dict, key: str, spec: str) -> str:
@@ -187,12 +200,13 @@ def _measured(metrics: dict, step: int | str) -> list[str]:
     if not curve or not calibration:
         return []
     chosen = calibration["chosen"]
-    row = next(r for r in calibration["table"] if r["C"] == chosen["C"] and r["step_scale"] == chosen["step_scale"])
+    row = next(r for r in calibration["table"] if all(r.get(k, NORMAL) == chosen.get(k, NORMAL)
+                                                      for k in ("C", "direction", "step_scale")))
     per_type = ", ".join(f"{kind} {row[f'efficacy {kind}']:.2f}" for kind in PER_TYPE
                          if f"efficacy {kind}" in row)
     return [
-        f"**Measured (validation, step {step}).** With the calibrated edit (C = {chosen['C']:g}, step "
-        f"× {chosen['step_scale']:g}): edit efficacy {_value(row, 'efficacy', '.2f')}"
+        f"**Measured (validation, step {step}).** With the calibrated edit ({_edit_name(chosen, short=True)}): "
+        f"edit efficacy {_value(row, 'efficacy', '.2f')}"
         f"{f' ({per_type})' if per_type else ''} "
         f"(target ≥ 0.7), change outside lesions "
         f"{_value(row, 'outside_ratio', '.2f')} of the change inside (target ≤ 0.1), P(malignant) of the re-encoded "

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .attribution import LESION_TYPES, AttributionSettings, HideAndSeek, settings_for
 from .bundle import read_bundle_manifest, save_bundle
-from .calibration import calibrate_edit, tune_candidates
-from .classifier import LatentClassifier, fit_latent_classifier, roc_auc
+from .calibration import CLASS_MEANS, NORMAL, calibrate_edit, tune_candidates
+from .classifier import LatentClassifier, class_mean_direction, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
 from .errors import BundleError, InputError
@@ -690,12 +690,15 @@ def train_bundle(
         stronger = fit_info["C"] / 10
         fits = {fit_info["C"]: (classifier, fit_info),
                 stronger: fit_classifier(trainer.ema, train, C=stronger, seed=cfg.seed, z=z_train)}
-        classifiers = {C: f[0] for C, f in fits.items()}
+        means = class_mean_direction(z_train, train.malignant)
+        classifiers = {(C, d): f[0] if d == NORMAL else replace(f[0], edit_direction=means)
+                       for C, f in fits.items() for d in (NORMAL, CLASS_MEANS)}
         phase("calibrating the edit strength on validation lesions")
         cal = calibrate_edit(trainer.ema, diffusion, classifiers, val)
-        C, scale = cal.shortlist[0]
+        C, direction, scale = cal.shortlist[0]
         chosen = {"edit_step_scale": scale}
-        calibration = {"table": cal.table, "shortlist": [{"C": c, "step_scale": k} for c, k in cal.shortlist]}
+        calibration = {"table": cal.table,
+                       "shortlist": [{"C": c, "direction": d, "step_scale": k} for c, d, k in cal.shortlist]}
         mid = val.subset(val.middle_slices())
         if (mid.lesions > 0).any():
             # Each shortlisted edit gets its own candidate tuning; the best F1 (then fewest mimics) wins, ties
@@ -708,21 +711,22 @@ def train_bundle(
             def reporter(edit: int) -> Callable[[int, int], None] | None:
                 return None if progress is None else _tuning_reporter(progress, edit, len(cal.shortlist), started)
 
-            tunings = {(c, k): tune_candidates(HideAndSeek(trainer.ema, diffusion, classifiers[c],
-                                                           fast.with_overrides(edit_step_scale=k)),
-                                               inverted, mid.bodies, mid.lesions, mid.mimics, progress=reporter(i))
-                       for i, (c, k) in enumerate(cal.shortlist)}
-            calibration["shortlist"] = [{"C": c, "step_scale": k, "f1": t.f1} for (c, k), t in tunings.items()]
-            (C, scale), tuning = min(tunings.items(),
-                                     key=lambda kv: selection_key(kv[1].f1, kv[1].table[0].get("mimic_fp", np.nan)))
+            tunings = {(c, d, k): tune_candidates(HideAndSeek(trainer.ema, diffusion, classifiers[c, d],
+                                                              fast.with_overrides(edit_step_scale=k)),
+                                                  inverted, mid.bodies, mid.lesions, mid.mimics, progress=reporter(i))
+                       for i, (c, d, k) in enumerate(cal.shortlist)}
+            calibration["shortlist"] = [{"C": c, "direction": d, "step_scale": k, "f1": t.f1}
+                                        for (c, d, k), t in tunings.items()]
+            (C, direction, scale), tuning = min(
+                tunings.items(), key=lambda kv: selection_key(kv[1].f1, kv[1].table[0].get("mimic_fp", np.nan)))
             chosen = {"edit_step_scale": scale} | tuning.settings
             metrics["candidate_tuning"] = {"chosen": tuning.settings, "f1": tuning.f1, "slices": tuning.slices,
                                            "default_f1": tuning.default_f1, "preset": "fast",
                                            "best": tuning.table[:10]}
         else:
             metrics["candidate_tuning"] = {"skipped": "no lesion in the middle slices of the validation vertebrae"}
-        classifier, fit_info = fits[C]
-        metrics["edit_calibration"] = {"chosen": {"C": C, "step_scale": scale}} | calibration
+        classifier, fit_info = classifiers[C, direction], fits[C][1]
+        metrics["edit_calibration"] = {"chosen": {"C": C, "direction": direction, "step_scale": scale}} | calibration
         method["presets"] = {preset: chosen for preset in ("fast", "published")}
     card = {
         "summary": f"Diffusion autoencoder + latent classifier trained with hideseek {__version__}.",
