@@ -280,3 +280,35 @@ def test_the_class_mean_direction_points_from_healthy_to_malignant_codes():
     assert set(dirs) == {*(f"C = {c:g}" for c in directions.CS), directions.CLASS_MEANS}
     for d in dirs.values():
         assert int(np.argmax(np.abs(d.numpy()))) == 1 and float(d[1]) > 0
+
+
+def test_the_direction_study_edits_along_every_direction_at_every_step(toy_bundle, monkeypatch, capsys, tmp_path):
+    from hideseek.bundle import load_bundle
+    from hideseek.phantom import write_phantom_set
+
+    study = _script("edit_directions")
+    fitted_directions, toy = study.directions, load_bundle(toy_bundle).classifier
+
+    def oriented(z, labels, seed):  # the toy classifier is random: turn each direction to its malignant side ...
+        dirs, fitted = fitted_directions(z, labels, seed)
+        dirs = {name: d if toy.slope(d.numpy()) > 0 else -d for name, d in dirs.items()}
+        return dirs | {"C = 0.01": -dirs["C = 0.01"]}, fitted  # ... but one, which cannot reach the target
+
+    monkeypatch.setattr(study, "directions", oriented)
+    fit = write_phantom_set(tmp_path / "fit", 2, 11, levels=("L1", "L2", "L3"), lesion_rate=0.5)
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["edit_directions.py", "--pairs", str(tmp_path / "pairs"), "--cases", "1",
+                                     "--slices", "3", "--fit-manifest", str(fit), "--model", str(toy_bundle),
+                                     "--out", str(out)])
+    study.main()
+    record = json.loads((out / "directions.json").read_text())
+    rows = record["rows"]
+    assert record["skipped (the model's classifier does not rise along them)"] == ["C = 0.01"]
+    expected = [(name, k) for name in [*(f"C = {c:g}" for c in study.CS[1:]), study.CLASS_MEANS]
+                for k in study.SCALES]
+    assert [(r["direction"], r["step_scale"]) for r in rows] == expected
+    assert all(0 <= r["val_auc"] <= 1 and -1 <= r["cosine_to_twin"] <= 1 and r["move_norm"] > 0 for r in rows)
+    twice = {r["direction"]: r["move_norm"] for r in rows if r["step_scale"] == 2}
+    once = {r["direction"]: r["move_norm"] for r in rows if r["step_scale"] == 1}
+    assert all(twice[d] == pytest.approx(2 * once[d], rel=1e-3) for d in once)  # the step scales the move
+    assert (out / "directions.png").stat().st_size > 0 and "| class means |" in capsys.readouterr().out

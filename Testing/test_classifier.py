@@ -184,6 +184,7 @@ def test_an_edit_direction_is_followed_until_the_classifier_says_the_target():
     again = LatentClassifier.from_dict(json.loads(json.dumps(along.to_dict())))
     assert np.array_equal(again.edit_direction, along.edit_direction)
     assert "edit_direction" not in clf.to_dict()
+    assert along.slope(other) > 0 > clf.slope(-other)
     with pytest.raises(ValueError, match="does not raise"):
         replace(clf, edit_direction=-other)
     with pytest.raises(ValueError, match="edit_direction has shape"):

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edit_oracle import decode, invert, pair_sets
+from edit_oracle import add_pair_arguments, decode, invert, load_pairs
 from learning_point import split_manifest
-from studied_model import add_model_arguments, load_studied
 
 from hideseek.attribution import LESION_TYPES, settings_for
 from hideseek.calibration import CLASS_MEANS
@@ -54,21 +53,14 @@ def directions(z_train: np.ndarray, malignant: np.ndarray, seed: int) -> tuple[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", required=True, help="edit_oracle.py's pair folder (made if missing)")
-    parser.add_argument("--cases", type=int, default=30, help="cases, when the pairs are made (as edit_oracle.py)")
-    parser.add_argument("--seed", type=int, default=4242, help="seed of the pairs (as edit_oracle.py)")
-    parser.add_argument("--slices", type=int, default=96, help="slices with lesions to edit (default 96)")
+    add_pair_arguments(parser)
     parser.add_argument("--fit-manifest", required=True, help="manifest whose training split the directions use")
     parser.add_argument("--fit-cache", help="slice cache (.npz) of --fit-manifest")
     parser.add_argument("--split-seed", type=int, default=0, help="training's --seed (its validation split)")
     parser.add_argument("--out", required=True, help="folder for directions.json, directions.md, directions.png")
-    add_model_arguments(parser)
     args = parser.parse_args()
-    studied = load_studied(args, parser)
-    if studied.classifier is None:
-        parser.error("the edit needs a bundle's classifier to set its length; --snapshot has none")
+    studied, lesioned, twins = load_pairs(args, parser)  # the model's classifier sets each edit's length
     try:
-        lesioned, twins = pair_sets(Path(args.pairs), args.cases, args.seed, studied.preprocessing)
         train, val = split_manifest(args.fit_manifest, args.fit_cache, studied, args.split_seed)
     except HideSeekError as err:
         parser.error(str(err))
@@ -84,8 +76,11 @@ def main() -> None:
     z, xT, recon = invert(studied, les.images)
     oracle_move = encode_latents(studied.dae, twin.images).double() - z.double()
     target = settings_for("fast").target_probability
-    rows = []
+    rows, skipped = [], []
     for name, d in dirs.items():
+        if studied.classifier.slope(d.numpy()) <= 0:  # cannot reach the target: the score falls along it
+            skipped.append(name)
+            continue
         cosine = float(torch.nn.functional.cosine_similarity(oracle_move, -d[None], dim=1).mean())
         along = replace(studied.classifier, edit_direction=d.numpy())  # the model's classifier sets the length
         for scale in SCALES:
@@ -99,12 +94,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": studied.name, "version": studied.version, "pairs": str(args.pairs), "slices": len(picked),
               "fit_manifest": str(args.fit_manifest), "fit_slices": len(train), "target_probability": target,
-              "rows": rows}
+              "rows": rows, "skipped (the model's classifier does not rise along them)": skipped}
     (out / "directions.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     text = table(rows)
     (out / "directions.md").write_text(text, encoding="utf-8")
     plot(rows, out / "directions.png", f"{studied.name} v{studied.version}, {len(picked)} twin-pair slices")
-    print(text)
+    print(text + (f"skipped (the model's classifier does not rise along them): {', '.join(skipped)}\n"
+                  if skipped else ""))
 
 
 def table(rows: list[dict]) -> str:

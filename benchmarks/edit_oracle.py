@@ -158,23 +158,32 @@ def figure(panels: dict, path: Path, n: int = 6) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pairs and the model: the arguments every twin study takes."""
     parser.add_argument("--pairs", required=True, help="folder of the lesioned/twin phantom pairs (made if missing)")
     parser.add_argument("--cases", type=int, default=30, help="cases to generate (default 30, ~150 vertebrae)")
     parser.add_argument("--seed", type=int, default=4242, help="seed of the pairs (not a training or test seed)")
     parser.add_argument("--slices", type=int, default=96, help="slices with lesions to edit (default 96)")
-    parser.add_argument("--out", required=True, help="folder for oracle.json, oracle.md and examples.png")
     add_model_arguments(parser)
-    args = parser.parse_args()
+
+
+def load_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[StudiedModel, SliceSet, SliceSet]:
+    """The model (with its classifier) and the pairs' slices in its layout; a bad input ends with the reason."""
     studied = load_studied(args, parser)
     if studied.classifier is None:
-        parser.error("the twin study needs a bundle's classifier; --snapshot has none (export it first)")
+        parser.error("the twin studies need a bundle's classifier; --snapshot has none (export it first)")
     try:
-        lesioned, twins = pair_sets(Path(args.pairs), args.cases, args.seed, studied.preprocessing)
+        return studied, *pair_sets(Path(args.pairs), args.cases, args.seed, studied.preprocessing)
     except HideSeekError as err:
         parser.error(str(err))
-    torch.manual_seed(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_pair_arguments(parser)
+    parser.add_argument("--out", required=True, help="folder for oracle.json, oracle.md and examples.png")
+    args = parser.parse_args()
+    studied, lesioned, twins = load_pairs(args, parser)
     rows, panels = measure(studied, lesioned, twins, args.slices)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

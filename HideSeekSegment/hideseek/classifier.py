@@ -61,7 +61,7 @@ class LatentClassifier:
             direction = _vector("edit_direction", self.edit_direction)
             if direction.shape != coef.shape:
                 raise ValueError(f"classifier edit_direction has shape {direction.shape}, coef {coef.shape}")
-            if not float(coef / scale @ direction) > 0:
+            if not float(coef / scale @ direction) > 0:  # self.slope, before the fields are set
                 raise ValueError("classifier edit_direction does not raise P(malignant): "
                                  "it cannot edit towards healthy")
             object.__setattr__(self, "edit_direction", direction)
@@ -135,6 +135,10 @@ class LatentClassifier:
         """Signed Euclidean distance to the decision boundary in standardized space (positive = malignant)."""
         return self.logit(z) / self._checked_norm()
 
+    def slope(self, direction: np.ndarray) -> float:
+        """How fast the logit rises per unit move of raw z along ``direction`` (an edit direction needs > 0)."""
+        return float(self.coef / self.scale @ np.asarray(direction, dtype=np.float64))
+
     def _checked_norm(self) -> float:
         norm = self.coef_norm
         if norm == 0.0:
@@ -156,8 +160,7 @@ class LatentClassifier:
         target_logit = math.log(target_probability) - math.log1p(-target_probability)
         if self.edit_direction is not None:
             direction = self._param(self.edit_direction, z.device)
-            slope = float(self.coef / self.scale @ self.edit_direction)  # d logit per unit move along it
-            distance = (self.logit(z) - target_logit) / slope
+            distance = (self.logit(z) - target_logit) / self.slope(self.edit_direction)
             return (self._as64(z) - step_scale * distance[:, None] * direction).to(z.dtype)
         s = self.standardize(z)
         unit_normal = self._param(self.coef, z.device) / norm

@@ -691,8 +691,10 @@ def train_bundle(
         fits = {fit_info["C"]: (classifier, fit_info),
                 stronger: fit_classifier(trainer.ema, train, C=stronger, seed=cfg.seed, z=z_train)}
         means = class_mean_direction(z_train, train.malignant)
-        classifiers = {(C, d): f[0] if d == NORMAL else replace(f[0], edit_direction=means)
-                       for C, f in fits.items() for d in (NORMAL, CLASS_MEANS)}
+        classifiers = {(C, NORMAL): f[0] for C, f in fits.items()}
+        # On codes that barely separate the classes the mean difference may not raise the score: no such edit.
+        classifiers |= {(C, CLASS_MEANS): replace(f[0], edit_direction=means) for C, f in fits.items()
+                        if f[0].slope(means) > 0}
         phase("calibrating the edit strength on validation lesions")
         cal = calibrate_edit(trainer.ema, diffusion, classifiers, val)
         C, direction, scale = cal.shortlist[0]
