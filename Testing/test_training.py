@@ -209,6 +209,7 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert "| lytic | blastic |" in card_md and "| – |" in card_md
     assert "| P gate | mean F1 | mimic FP |" in card_md
     assert "by the best lesion F1 of candidate tuning" in card_md
+    assert "by the most along each direction (3 along the classifier normal, 1 along the class means)" in card_md
     assert "gate_probability" in tuning["chosen"]
     assert "†" not in card_md  # every point was measured on the same validation vertebrae
     assert "‡" not in card_md and {p["edit_slices"] for p in curve} == {EDIT_SLICES}
