@@ -6,6 +6,7 @@ the model it describes. Slicer shows the same card fields (intended use, licence
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from .calibration import NORMAL
@@ -111,9 +112,7 @@ def _shortlist_clause(shortlist: list[dict] | None) -> str:
     tried = "; ".join(_edit_name(r, short=True) + (f" (F1 {r['f1']:.3f})" if "f1" in r else "")
                       for r in shortlist)
     how = ", by the best lesion F1 of candidate tuning" if all("f1" in r for r in shortlist) else ""
-    counts: dict[str, int] = {}
-    for r in shortlist:
-        counts[r.get("direction", NORMAL)] = counts.get(r.get("direction", NORMAL), 0) + 1
+    counts = Counter(r.get("direction", NORMAL) for r in shortlist)
     per = "" if set(counts) == {NORMAL} else " along each direction (" + ", ".join(
         f"{n} along the {'classifier normal' if d == NORMAL else d}" for d, n in counts.items()) + ")"
     return (f", from the {len(shortlist)} settings whose change inside lesions exceeds the change outside by the "
