@@ -312,3 +312,61 @@ def test_the_direction_study_edits_along_every_direction_at_every_step(toy_bundl
     once = {r["direction"]: r["move_norm"] for r in rows if r["step_scale"] == 1}
     assert all(twice[d] == pytest.approx(2 * once[d], rel=1e-3) for d in once)  # the step scales the move
     assert (out / "directions.png").stat().st_size > 0 and "| class means |" in capsys.readouterr().out
+
+
+def _grid_row(margin: float, lytic: tuple[float, float], blastic: tuple[float, float]) -> dict:
+    """A per-type grid row with (validation, test) F1 per type; counts are not looked at."""
+    return {"body_margin_px": margin, "min_change": 0.0, "candidate_quantile": 0.5, "delta_threshold": 0.5,
+            "gate_probability": None,
+            "lytic validation": [lytic[0], 0, 0, 0], "lytic test": [lytic[1], 0, 0, 0],
+            "blastic validation": [blastic[0], 0, 0, 0], "blastic test": [blastic[1], 0, 0, 0]}
+
+
+def test_per_type_settings_are_chosen_per_type_on_validation_and_the_ceiling_on_test():
+    study = _script("per_type_settings")
+    rows = [_grid_row(0, (0.2, 0.3), (0.8, 0.6)),  # the model's own
+            _grid_row(2, (0.6, 0.1), (0.1, 0.2)),  # best lytic on validation
+            _grid_row(3, (0.4, 0.5), (0.75, 0.9)),  # best mean on validation, and on test
+            _grid_row(4, (0.1, 0.2), (0.9, 0.1))]  # best blastic on validation
+    picked = study.choices(rows, {k: rows[0][k] for k in study.SETTINGS})
+    margins = {rule: (p["lytic"]["settings"]["body_margin_px"], p["blastic"]["settings"]["body_margin_px"])
+               for rule, p in picked.items()}
+    assert margins == {"the model's own settings": (0, 0),
+                       "one setting for both, best mean F1 on validation": (3, 3),
+                       "a setting per type, best on validation": (2, 4),
+                       "a setting per type, best on test (ceiling)": (3, 3)}
+    assert picked["a setting per type, best on validation"]["mean test f1"] == pytest.approx(0.1)
+    assert "the model's own settings" not in study.choices(rows, {**rows[0], "min_change": 0.5})
+
+
+def test_the_per_type_study_scores_the_whole_export_grid_on_both_splits(toy_bundle, monkeypatch, capsys, tmp_path):
+    from hideseek.calibration import CANDIDATE_GRID, DELTA_THRESHOLDS, GATE_PROBABILITIES
+    from hideseek.phantom import write_phantom_set
+
+    study = _script("per_type_settings")
+    manifest = write_phantom_set(tmp_path / "set", 2, 7, levels=("L1", "L2", "L3"), lesion_rate=0.7)
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["per_type_settings.py", "--manifest", str(manifest), "--model",
+                                     str(toy_bundle), "--val-fraction", "0.34", "--out", str(out)])
+    study.main()
+    report = json.loads((out / "per_type.json").read_text())
+    assert len(report["grid"]) == np.prod([len(v) for v in CANDIDATE_GRID.values()]) * len(DELTA_THRESHOLDS) * len(
+        GATE_PROBABILITIES)
+    assert sum(report["slices"].values()) == 6 and min(report["slices"].values()) > 0
+    picked = report["choices"]
+    assert len(picked) == 4  # the toy model's own settings lie on the grid
+    ceiling = picked["a setting per type, best on test (ceiling)"]
+    for rule in picked.values():
+        for name in ("lytic", "blastic"):
+            assert rule[name]["test"]["f1"] <= ceiling[name]["test"]["f1"]
+    assert "| a setting per type, best on validation |" in capsys.readouterr().out
+    assert (out / "per_type.md").read_text().count("\n| ") == 2 + 4  # header, its rule, a row per rule
+
+
+def test_the_per_type_study_refuses_a_missing_manifest_without_a_traceback(monkeypatch, tmp_path):
+    study = _script("per_type_settings")
+    monkeypatch.setattr("sys.argv", ["per_type_settings.py", "--manifest", str(tmp_path / "none.csv"),
+                                     "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"per_type_settings: .*none\.csv"):
+        study.main()
+    assert not (tmp_path / "out").exists()

@@ -411,6 +411,9 @@ def test_train_command_resumes_and_its_card_names_every_command(tmp_path, monkey
     train = ["train", "--manifest", str(manifest), "--out", str(out), "--state", str(state), "--card", str(card),
              "--name", "cli-toy", "--no-bf16", "--threads", "1"]
     assert main([*train, "--steps", "2"]) == 0
+    assert main([*train, "--steps", "4"]) == 2  # an existing bundle is refused before training, not after it
+    assert "already exists" in capsys.readouterr().err
+    assert json.loads((state / "state.json").read_text())["step"] == 2
     assert main([*train, "--steps", "4", "--overwrite"]) == 0
     bundle = load_bundle(out)
     assert bundle.version == "4" and bundle.card["limitations"] == "toy"

@@ -233,7 +233,7 @@ def save_bundle(
 
     state = model.state_dict()
 
-    _check_replaceable(out, overwrite)
+    check_replaceable(out, overwrite)
     with atomic_output_dir(out, overwrite) as folder:
         tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
         # one metadata key only: safetensors writes several in a random order, so identical weights would
@@ -247,8 +247,10 @@ def save_bundle(
     return out
 
 
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    """Refuse to replace anything but a model bundle (or an empty folder), and anything without ``overwrite``."""
+def check_replaceable(out: str | Path, overwrite: bool) -> None:
+    """Refuse to replace anything but a model bundle (or an empty folder), and anything without ``overwrite``.
+    Commands that work for minutes before they write a bundle call it first, so they fail before the work."""
+    out = Path(out)
     if out.exists():
         if not overwrite:
             raise InputError(f"{out} already exists: choose another folder, or allow overwriting it")

@@ -20,13 +20,13 @@ trained on vertebra labels alone keeps the published defaults.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .attribution import BLASTIC, LESION_TYPES, LYTIC, HideAndSeek, Inversion
+from .attribution import BLASTIC, LESION_TYPES, LYTIC, Edits, HideAndSeek, Inversion
 from .classifier import LatentClassifier
 from .dataset import SliceSet
 from .metrics import (
@@ -165,9 +165,35 @@ def tune_candidates(
         raise ValueError("candidate tuning needs slices with true lesions")
     with_mimics = mimics is not None and bool((mimics > 0).any())
     edits = method.edit(images)
+    table = []
+    for setting, maps in candidate_grid_maps(method, edits, bodies, grid=grid, thresholds=thresholds, gates=gates,
+                                             progress=progress):
+        row = {**setting, "f1": round(mean_lesion_f1(maps, lesions, (LYTIC, BLASTIC), min_px=min_lesion_px), 4)}
+        if with_mimics:
+            row["mimic_fp"] = round(mimic_fp_rate(flagged_per_slice(maps, mimics)), 4)
+        table.append(row)
+    default = table[0]
+    ranked = sorted(table, key=lambda r: selection_key(r["f1"], r.get("mimic_fp", np.nan)))  # stable: grid order
+    best = ranked[0]
+    return CandidateTuning({k: v for k, v in best.items() if k not in SCORES}, best["f1"], default["f1"],
+                           len(edits.images), ranked)
+
+
+def candidate_grid_maps(
+    method: HideAndSeek,
+    edits: Edits,
+    bodies: np.ndarray,
+    *,
+    grid: dict[str, tuple] = CANDIDATE_GRID,
+    thresholds: tuple[float, ...] = DELTA_THRESHOLDS,
+    gates: tuple[float | None, ...] = GATE_PROBABILITIES,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[dict, np.ndarray]]:
+    """(settings, label maps of every slice) for every point of ``grid`` × ``thresholds`` × ``gates``, from one
+    edit per slice (``method.edit``, made without a gate). A grid setting costs one hide-and-seek pass; the Δ
+    thresholds and gates reuse it. ``progress(done, total)`` follows the grid settings."""
     # As HideAndSeek.edit: a slice at or below the gate is not edited, so it has no candidates.
     searched = {gate: (edits.p_malignant > (gate or 0.0))[:, None, None] for gate in gates}
-    table = []
     settings = list(itertools.product(*grid.values()))
     for done, values in enumerate(settings, 1):
         overrides = dict(zip(grid, values, strict=True))
@@ -177,16 +203,6 @@ def tune_candidates(
         for threshold in thresholds:
             ungated = np.stack([r.label_map(threshold) for r in results])
             for gate in gates:
-                maps = ungated * searched[gate]
-                row = {**overrides, "delta_threshold": threshold, "gate_probability": gate,
-                       "f1": round(mean_lesion_f1(maps, lesions, (LYTIC, BLASTIC), min_px=min_lesion_px), 4)}
-                if with_mimics:
-                    row["mimic_fp"] = round(mimic_fp_rate(flagged_per_slice(maps, mimics)), 4)
-                table.append(row)
+                yield {**overrides, "delta_threshold": threshold, "gate_probability": gate}, ungated * searched[gate]
         if progress is not None:
             progress(done, len(settings))
-    default = table[0]
-    ranked = sorted(table, key=lambda r: selection_key(r["f1"], r.get("mimic_fp", np.nan)))  # stable: grid order
-    best = ranked[0]
-    return CandidateTuning({k: v for k, v in best.items() if k not in SCORES}, best["f1"], default["f1"],
-                           len(edits.images), ranked)

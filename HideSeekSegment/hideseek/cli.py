@@ -262,6 +262,7 @@ def _extracting(what: str) -> Callable[[int, int], None]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .bundle import check_replaceable
     from .dataset import cached_slice_set
     from .device import resolve_device
     from .preprocessing import PHANTOM_CURVE, PHANTOM_WINDOW, Preprocessing
@@ -281,6 +282,7 @@ def _run_train(args: argparse.Namespace) -> int:
     card_text = _read_card_text(args.card) if args.card else None
     prep = {"hu_window": PHANTOM_WINDOW, "hu_curve": PHANTOM_CURVE}.get(args.intensity, Preprocessing())
     check_resume_preprocessing(args.state, prep)  # before minutes of slice extraction
+    check_replaceable(args.out, args.overwrite)
     slices = cached_slice_set(args.manifest, prep, args.slices, progress=_extracting("slices"))
     print(f"{len(slices)} slices of {len(slices.names)} vertebrae ({slices.malignant.mean():.0%} malignant)",
           file=sys.stderr)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .attribution import LESION_TYPES, AttributionSettings, HideAndSeek, settings_for
-from .bundle import read_bundle_manifest, save_bundle
+from .bundle import check_replaceable, read_bundle_manifest, save_bundle
 from .calibration import CLASS_MEANS, NORMAL, calibrate_edit, tune_candidates
 from .classifier import LatentClassifier, class_mean_direction, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
@@ -632,6 +632,7 @@ def train_bundle(
     """
     _check_both_classes(slices)
     check_resume_preprocessing(state_dir, preprocessing)
+    check_replaceable(out_dir, overwrite)  # not after hours of training and export
     state_dir = Path(state_dir)
     if from_snapshot is not None and not (state_dir / "state.json").is_file():
         raise InputError(f"--state {state_dir}: no training state to export a snapshot from")
