@@ -59,7 +59,8 @@ def _progress(done: int, total: int) -> None:
 
 
 def choices(rows: list[dict], own: dict) -> dict:
-    """Test scores of the settings each rule picks (first of equals in grid order, as the export's tuning)."""
+    """Test scores of the settings each rule picks: the first of equals in grid order (the export's tuning
+    breaks ties by the mimics flagged; this study does not score mimics)."""
     types = list(LESION_TYPES.values())
 
     def best(score) -> dict:
