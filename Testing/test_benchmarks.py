@@ -350,7 +350,8 @@ def test_the_per_type_study_scores_the_whole_export_grid_on_both_splits(toy_bund
                                      str(toy_bundle), "--val-fraction", "0.34", "--out", str(out)])
     study.main()
     report = json.loads((out / "per_type.json").read_text())
-    assert len(report["grid"]) == np.prod([len(v) for v in CANDIDATE_GRID.values()]) * len(DELTA_THRESHOLDS) * len(
+    grid = (out / "per_type_grid.jsonl").read_text().splitlines()
+    assert len(grid) == np.prod([len(v) for v in CANDIDATE_GRID.values()]) * len(DELTA_THRESHOLDS) * len(
         GATE_PROBABILITIES)
     assert sum(report["slices"].values()) == 6 and min(report["slices"].values()) > 0
     picked = report["choices"]

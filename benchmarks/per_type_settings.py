@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.25, help="vertebrae of the validation split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (as 'hideseek evaluate')")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--out", required=True, help="folder for per_type.json (every grid row) and per_type.md")
+    parser.add_argument("--out", required=True,
+                        help="folder for per_type.json (choices), per_type_grid.jsonl (every grid row), per_type.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -129,8 +130,9 @@ def main() -> None:
     slices = {"validation": len(val), "test": len(test)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": bundle.identity(), "manifest": args.manifest, "slices": slices, "choices": picked, "grid": rows}
+    report = {"model": bundle.identity(), "manifest": args.manifest, "slices": slices, "choices": picked}
     (out / "per_type.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "per_type_grid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     table = markdown(picked, slices)
     (out / "per_type.md").write_text(table, encoding="utf-8")
     print(table)
