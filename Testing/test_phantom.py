@@ -131,7 +131,7 @@ def test_cli_writes_a_set_the_pipeline_reads(tmp_path, capsys):
     # the curriculum options reach the generator; a malformed range is refused before anything is written
     easy = tmp_path / "easy"
     assert main(["phantom", "--out", str(easy), "--cases", "1", "--seed", "4", "--levels", "L1",
-                 "--lytic-hu", "0,15", "--lytic-min-mm", "8", "--lesion-rate", "1"]) == 0
+                 "--lytic-hu=-30,15", "--lytic-min-mm", "8", "--lesion-rate", "1"]) == 0
     assert (easy / "manifest.csv").exists()
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--cases", "1", "--seed", "4", "--lytic-hu", "0"]) == 2
     assert "lytic_hu" in capsys.readouterr().err and not (tmp_path / "bad").exists()

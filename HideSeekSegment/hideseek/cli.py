@@ -352,7 +352,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lesion-rate", type=float, default=0.5, help="probability that a vertebra is malignant")
     p.add_argument("--mimic-rate", type=float, default=0.33, help="probability that a vertebra carries benign mimics")
     p.add_argument("--lytic-hu", default="20,60", metavar="LOW,HIGH",
-                   help="HU range of lytic lesions (default 20,60: soft tissue); darker for a training curriculum")
+                   help="HU range of lytic lesions (default 20,60: soft tissue); darker for a training curriculum "
+                        "(a negative LOW needs the = form: --lytic-hu=-40,0)")
     p.add_argument("--lytic-min-mm", type=float, default=3.0, metavar="MM",
                    help="smallest lytic lesion diameter (default 3; at most 20), larger for a training curriculum")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom set in --out")
