@@ -104,6 +104,18 @@ def test_a_curriculum_draws_darker_larger_lytic_lesions_and_leaves_the_defaults_
     assert (easy.lesions == P.LYTIC).sum() > (case.lesions == P.LYTIC).sum()
 
 
+@pytest.mark.parametrize("kind", ["lytic", "blastic"])
+def test_a_one_kind_curriculum_gives_every_malignant_vertebra_that_kind_only(case, kind):
+    one = P.generate_case(3, lesion_rate=1.0, mimic_rate=1.0, orientation="LPS", lesion_kinds=kind, **SMALL)
+    assert {les.kind for les in _lesions(case, "lytic") + _lesions(case, "blastic")} == {"lytic", "blastic"}
+    malignant = [rec for rec in one.records if rec.malignant]
+    assert malignant and all(rec.lesions and {les.kind for les in rec.lesions} == {kind} for rec in malignant)
+    other = P.BLASTIC if kind == "lytic" else P.LYTIC
+    assert (one.lesions > 0).any() and not (one.lesions == other).any()
+    with pytest.raises(InputError, match="lesion_kinds"):
+        P.generate_case(3, lesion_kinds="mixed", **SMALL)
+
+
 def test_a_healthy_twin_is_the_same_case_without_its_lesions(case):
     twin = P.generate_case(3, lesion_rate=1.0, mimic_rate=1.0, orientation="LPS", paint_lesions=False, **SMALL)
     assert np.array_equal(twin.lesions, case.lesions) and np.array_equal(twin.vertebrae, case.vertebrae)
@@ -131,8 +143,10 @@ def test_cli_writes_a_set_the_pipeline_reads(tmp_path, capsys):
     # the curriculum options reach the generator; a malformed range is refused before anything is written
     easy = tmp_path / "easy"
     assert main(["phantom", "--out", str(easy), "--cases", "1", "--seed", "4", "--levels", "L1",
-                 "--lytic-hu=-30,15", "--lytic-min-mm", "8", "--lesion-rate", "1"]) == 0
-    assert (easy / "manifest.csv").exists()
+                 "--lytic-hu=-30,15", "--lytic-min-mm", "8", "--lesion-kinds", "lytic", "--lesion-rate", "1"]) == 0
+    with (easy / "manifest.csv").open() as fh:
+        easy_rows = list(csv.DictReader(fh))
+    assert int(easy_rows[0]["n_lytic"]) > 0 and int(easy_rows[0]["n_blastic"]) == 0
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--cases", "1", "--seed", "4", "--lytic-hu", "0"]) == 2
     assert "lytic_hu" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--cases", "1", "--seed", "4", "--lytic-hu", "a,b"]) == 2

@@ -356,6 +356,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
                         "(a negative LOW needs the = form: --lytic-hu=-40,0)")
     p.add_argument("--lytic-min-mm", type=float, default=3.0, metavar="MM",
                    help="smallest lytic lesion diameter (default 3; at most 20), larger for a training curriculum")
+    p.add_argument("--lesion-kinds", choices=("both", "lytic", "blastic"), default="both",
+                   help="lesion kinds of a malignant vertebra (default both: lytic, blastic or mixed); one kind "
+                        "only for a training curriculum")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom set in --out")
     p.set_defaults(handler=_run_phantom)
 
@@ -371,6 +374,7 @@ def _run_phantom(args: argparse.Namespace) -> int:
     manifest = write_phantom_set(
         args.out, args.cases, args.seed, overwrite=args.overwrite, report=print, levels=levels,
         lesion_rate=args.lesion_rate, mimic_rate=args.mimic_rate, lytic_hu=lytic_hu, lytic_min_mm=args.lytic_min_mm,
+        lesion_kinds=args.lesion_kinds,
     )
     print(f"wrote manifest {manifest}")
     return 0

@@ -39,6 +39,10 @@ LYTIC, BLASTIC = 1, 2
 LYTIC_HU = (20.0, 60.0)
 """Lytic lesions replace bone with soft tissue (HU range drawn from; a curriculum may darken it)."""
 
+LESION_PATTERNS = {"both": [0.4, 0.4, 0.2], "lytic": [1.0, 0.0, 0.0], "blastic": [0.0, 1.0, 0.0]}
+"""Chance that a malignant vertebra's lesions are all lytic, all blastic or mixed; one-kind sets are a training
+curriculum (evaluate on 'both')."""
+
 MIMIC_KINDS = ("bone_island", "haemangioma", "schmorl_node", "endplate_sclerosis", "osteophyte", "focal_fat")
 _MIMIC_WEIGHTS = np.array([0.2, 0.2, 0.2, 0.15, 0.15, 0.1])
 
@@ -345,6 +349,7 @@ class _Case:
     min_lesion_mm: float
     lytic_hu: tuple[float, float]
     lytic_min_mm: float
+    lesion_kinds: str
     paint_lesions: bool
     lesion_id: np.ndarray = field(default=None)  # type: ignore[assignment]
     lesion_list: list[tuple[_Vertebra, LesionRecord]] = field(default_factory=list)
@@ -927,7 +932,7 @@ def _add_lesion(case: _Case, vt: _Vertebra, f: _VertebraFields, kind: str) -> No
 def _add_lesions(case: _Case, vt: _Vertebra, f: _VertebraFields) -> None:
     rng = case.rng
     n = int(rng.integers(1, 5))
-    pattern = rng.choice(["lytic", "blastic", "mixed"], p=[0.4, 0.4, 0.2])
+    pattern = rng.choice(["lytic", "blastic", "mixed"], p=LESION_PATTERNS[case.lesion_kinds])
     if pattern == "mixed":
         n = max(n, 2)
         kinds = ["lytic", "blastic", *rng.choice(["lytic", "blastic"], n - 2)]
@@ -1162,6 +1167,7 @@ def generate_case(
     size: tuple[float, float] = (150.0, 170.0),
     lytic_hu: tuple[float, float] = LYTIC_HU,
     lytic_min_mm: float = 3.0,
+    lesion_kinds: str = "both",
     paint_lesions: bool = True,
 ) -> PhantomCase:
     """Generate one synthetic CT case.
@@ -1171,7 +1177,8 @@ def generate_case(
     ORIENTATIONS. size: in-plane field of view (left-right, anterior-posterior) in mm. A requested level is
     malignant with probability lesion_rate and carries 1-2 benign mimics with probability mimic_rate.
     lytic_hu (low, high) and lytic_min_mm (smallest lytic diameter) can make lytic lesions easier to see than
-    the literature's, for a training curriculum (at the defaults a seed gives the same case as before they existed).
+    the literature's, for a training curriculum, and lesion_kinds 'lytic' or 'blastic' gives every malignant
+    vertebra lesions of that kind only (at the defaults a seed gives the same case as before these existed).
     paint_lesions=False gives the case's *healthy twin*: every random draw, label map and lesion record is the
     same, but no lesion changes the HU, so the CT is what a perfect healthy edit of the lesioned case would show.
     The anatomy depends only on the seed and the levels, never on spacing-independent choices such as orientation.
@@ -1186,6 +1193,8 @@ def generate_case(
                          "below -40 is fat, which the phantoms use for benign focal fat)")
     if not 3.0 <= float(lytic_min_mm) <= 20.0:
         raise InputError(f"lytic_min_mm {lytic_min_mm} must lie in 3-20 mm (lesions are at most 20 mm)")
+    if lesion_kinds not in LESION_PATTERNS:
+        raise InputError(f"lesion_kinds {lesion_kinds!r} must be one of {', '.join(LESION_PATTERNS)}")
     idx = _parse_levels(levels)
     seed = int(rng_or_seed) if isinstance(rng_or_seed, (int, np.integer)) else None
     root = np.random.default_rng(rng_or_seed) if seed is not None else rng_or_seed
@@ -1215,7 +1224,7 @@ def generate_case(
         lesion_rate=float(lesion_rate), mimic_rate=float(mimic_rate),
         min_lesion_mm=max(3.0, 2.0 * max(img_spacing)),
         lytic_hu=(float(lytic_hu[0]), float(lytic_hu[1])), lytic_min_mm=float(lytic_min_mm),
-        paint_lesions=bool(paint_lesions),
+        lesion_kinds=lesion_kinds, paint_lesions=bool(paint_lesions),
     )  # fmt: skip
     # Jang et al. 2019: L1 trabecular attenuation falls ~2.5 HU/year from ~226 HU (< 30 y)
     base_hu = float(np.clip(226 - 2.5 * (age - 27) + rng.normal(0, 20), 105, 255))
