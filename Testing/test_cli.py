@@ -156,12 +156,12 @@ def test_train_progress_redraws_steps_and_tuning_and_adds_a_line_per_phase(capsy
 
     _print_training({"step": 25, "steps": 100, "loss": 0.01, "eta_s": 3700.0})
     _print_training({"export": "tuning the candidates of 3 shortlisted edits on 9 validation slices"})
-    _print_training({"export": "tuning", "done": 1, "total": 270, "eta_s": 1500.0})
+    _print_training({"export": "tuning", "done": 1, "total": 270, "eta_s": None})  # no pace measured yet
     _print_training({"export": "tuning", "done": 2, "total": 270, "eta_s": 1490.0})
     err = capsys.readouterr().err
     assert err == ("\rstep 25/100  loss 0.0100  ETA 1:01h  "
                    "\nexport: tuning the candidates of 3 shortlisted edits on 9 validation slices\n"
-                   "\r  candidate settings 1/270  ETA 0:25h  \r  candidate settings 2/270  ETA 0:24h  ")
+                   "\r  candidate settings 1/270  \r  candidate settings 2/270  ETA 0:24h  ")
 
 
 def test_every_command_prints_its_help_without_formatting_leftovers():

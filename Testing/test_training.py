@@ -565,20 +565,22 @@ def test_augmentation_moves_the_body_masks_with_their_slices_and_a_resume_may_sw
     assert resumed.step == 30
 
 
-def test_the_tuning_eta_follows_the_pace_over_all_edits_not_the_current_one():
-    """Each shortlisted edit decodes its healthy edit before its first setting: the ETA must not jump to hours."""
-    from hideseek.training import _tuning_reporter
+def test_the_tuning_eta_times_each_edits_decode_apart_from_its_settings():
+    """Each shortlisted edit decodes its healthy edit before its first setting: counting that decode against
+    one setting made the first ETA hours long; measured apart, the ETA is the true time left."""
+    from hideseek.training import _TuningClock
 
     now = [0.0]
     logs: list[dict] = []
-    reporters = [_tuning_reporter(logs.append, edit, 3, started=0.0, clock=lambda: now[0]) for edit in range(3)]
-    for report in reporters:
+    clock = _TuningClock(logs.append, 3, clock=lambda: now[0])
+    for edit in range(3):
+        report = clock.reporter(edit)
         now[0] += 30.0  # the edit's own decode
         for done in range(1, 91):
             now[0] += 1.0
             report(done, 90)
     assert [r["done"] for r in logs] == list(range(1, 271)) and {r["total"] for r in logs} == {270}
-    first_of_second = logs[90]  # 91 settings and two decodes in 151 s
-    assert first_of_second["eta_s"] == round(151 / 91 * 179, 1)
-    assert max(r["eta_s"] for r in logs[90:]) <= 300  # a per-edit pace would have said 31 s x 179 = 1.5 h
+    assert logs[0]["eta_s"] is None  # one setting tells no pace yet
+    time_left = [now[0] - t for t in np.cumsum([31.0] + [1.0] * 89 + ([31.0] + [1.0] * 89) * 2)]
+    assert [r["eta_s"] for r in logs[1:]] == pytest.approx(time_left[1:])
     assert logs[-1]["eta_s"] == 0

@@ -306,6 +306,8 @@ def _run_train(args: argparse.Namespace) -> int:
 def _print_training(record: dict) -> None:
     """One progress record of `hideseek train`: steps and export progress redraw their line, the rest add one."""
     def eta() -> str:
+        if record["eta_s"] is None:  # not measured yet
+            return ""
         return f"ETA {int(record['eta_s']) // 3600}:{int(record['eta_s']) % 3600 // 60:02d}h  "
 
     if "eval" in record:
