@@ -18,6 +18,7 @@ from hideseek.attribution import (
     HideAndSeek,
     candidate_maps,
     composite,
+    merge_kind_edits,
     normalized_delta,
     search_region,
     settings_for,
@@ -320,3 +321,46 @@ def test_the_shortlist_ranks_edits_by_change_inside_over_outside_lesions():
         (0.01, 1, 0.1466, 0.0669), (0.01, 3, 0.2489, 0.2171), (0.001, 1, 0.1479, 0.0701)]]
     assert shortlist(table + means) == [(0.001, "normal", 1), (0.001, "normal", 3), (0.01, "normal", 1),
                                         (0.01, "class means", 1)]
+
+
+def test_merged_kind_edits_brighten_like_the_lytic_edit_and_darken_like_the_blastic_one():
+    recon = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    lytic = torch.tensor([[0.7, 0.4, 0.5, 0.6]])  # brightens pixels 0 and 3, darkens pixel 1
+    blastic = torch.tensor([[0.3, 0.5, 0.2, 0.6]])  # darkens pixels 0 and 2, brightens pixel 3
+    merged = merge_kind_edits(recon, {LYTIC: lytic, BLASTIC: blastic})
+    # Pixel 0: both edits changed it, each by its own sign; pixel 1's darkening and pixel 3's second brightening
+    # belong to the other type's edit and are left out.
+    assert torch.allclose(merged, torch.tensor([[0.5, 0.5, 0.2, 0.6]]))
+    one = torch.tensor([[0.1, 0.9, 0.5, 0.5]])
+    assert merge_kind_edits(recon, {None: one}) is one
+
+
+def test_a_classifier_with_kind_directions_edits_once_per_lesion_type(tiny, classifier, slices):
+    from dataclasses import replace
+
+    img, body = slices
+    rng = np.random.default_rng(3)
+    normal = classifier.scale * classifier.coef
+    kinds = {"lytic": normal + rng.normal(scale=0.5, size=normal.shape),
+             "blastic": normal + rng.normal(scale=0.5, size=normal.shape)}
+    per_kind = replace(classifier, kind_directions=kinds)
+    inverted = HideAndSeek(tiny, DiffusionConfig(), classifier, FAST).invert(img)
+    edits = HideAndSeek(tiny, DiffusionConfig(), per_kind, FAST).edit(inverted)
+    # Each type's edit alone, decoded from the same inversion, makes up the merged edit.
+    alone = {kind: HideAndSeek(tiny, DiffusionConfig(), per_kind.for_kind(name), FAST).edit(inverted)
+             for kind, name in ((LYTIC, "lytic"), (BLASTIC, "blastic"))}
+    expected = merge_kind_edits(inverted.recon, {kind: e.edit for kind, e in alone.items()})
+    assert torch.allclose(edits.edit, expected, atol=1e-6)
+    assert np.allclose(edits.p_healthy, np.maximum(alone[LYTIC].p_healthy, alone[BLASTIC].p_healthy))
+    results = HideAndSeek(tiny, DiffusionConfig(), per_kind, FAST).seek(edits, body)
+    kinds_seen = set()
+    for i, r in enumerate(results):  # lytic candidates where the lytic edit brightened, blastic ones likewise
+        change = {kind: e.edit[i, 0].numpy() - r.recon for kind, e in alone.items()}
+        for c in r.candidates:
+            kinds_seen.add(c.kind)
+            assert (change[c.kind][c.mask] * (1 if c.kind == LYTIC else -1)).min() > 0
+    assert kinds_seen == {LYTIC, BLASTIC}
+    # The progress counts the second edit's decode too, and ends at its total.
+    seen = []
+    _run(tiny, per_kind, img[:2], body[:2], progress=lambda stage, done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] and seen[-1][1] >= 2 * (FAST.encode_steps + 3 * FAST.decode_steps)

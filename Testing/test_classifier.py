@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hideseek.classifier import (
+    KINDS,
     LatentClassifier,
     class_mean_direction,
     fit_latent_classifier,
@@ -251,3 +252,30 @@ def test_invalid_use_is_rejected():
 def test_bad_fit_inputs_raise_input_error(z, y, kwargs, message):
     with pytest.raises(InputError, match=message):
         fit_latent_classifier(z, y, **kwargs)
+
+
+def test_kind_directions_give_one_edit_per_lesion_type_and_travel_with_the_json_form():
+    from dataclasses import replace
+
+    clf = _random_classifier()
+    z = torch.tensor(np.random.default_rng(4).normal(size=(5, 8)), dtype=torch.float32)
+    rng = np.random.default_rng(6)
+    kinds = {name: clf.scale * clf.coef + rng.normal(scale=0.3, size=8) for name in KINDS}
+    per_kind = replace(clf, kind_directions=kinds)
+    for name in KINDS:  # each type's edit is the plain edit along its direction
+        along = replace(clf, edit_direction=kinds[name])
+        assert torch.equal(per_kind.for_kind(name).edit(z, 1e-3), along.edit(z, 1e-3))
+    with pytest.raises(ValueError, match="for_kind"):
+        per_kind.edit(z, 1e-3)
+    with pytest.raises(ValueError, match="no per-kind"):
+        clf.for_kind("lytic")
+    again = LatentClassifier.from_dict(json.loads(json.dumps(per_kind.to_dict())))
+    assert all(np.array_equal(again.kind_directions[k], kinds[k]) for k in KINDS) and again.edit_direction is None
+    assert "kind_directions" not in clf.to_dict()
+    # Both types, each raising P(malignant), and not beside a single edit direction.
+    with pytest.raises(ValueError, match="exactly the lesion types"):
+        replace(clf, kind_directions={"lytic": kinds["lytic"]})
+    with pytest.raises(ValueError, match=r"kind_directions\['blastic'\] does not raise"):
+        replace(clf, kind_directions=kinds | {"blastic": -kinds["blastic"]})
+    with pytest.raises(ValueError, match="not both"):
+        replace(clf, kind_directions=kinds, edit_direction=kinds["lytic"])

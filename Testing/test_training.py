@@ -138,20 +138,42 @@ def test_demo_architecture_is_compact():
     assert 3e6 < n < 8e6  # bundle weights stay well under the 50 MB limit
 
 
-def _toy_slice_set(n_vertebrae=8, per=4):
+def _toy_slice_set(n_vertebrae=8, per=4, lytic=False):
+    """Every other vertebra malignant, with a bright "lesion"; with ``lytic`` every other malignant one has a dark
+    lesion instead."""
     from hideseek.dataset import SliceSet
 
     images = _toy_images(n_vertebrae * per)
-    malignant = np.repeat(np.arange(n_vertebrae) % 2, per).astype(np.int8)
-    images[malignant == 1, 6:9, 6:9] += 0.8  # a bright "lesion" in malignant vertebrae
+    index = np.repeat(np.arange(n_vertebrae), per)
+    malignant = (index % 2).astype(np.int8)
+    dark = (index % 4 == 3) if lytic else np.zeros(len(index), bool)
+    images[(malignant == 1) & ~dark, 6:9, 6:9] += 0.8
+    images[dark, 6:9, 6:9] -= 0.4
     lesions = np.zeros(images.shape, np.uint8)
     lesions[malignant == 1, 6:9, 6:9] = 2
+    lesions[dark, 6:9, 6:9] = 1
     mimics = np.zeros(images.shape, np.uint16)
     mimics[:, 10:13, 10:13] = 1  # a benign "mimic" in every vertebra
     return SliceSet(images=images, bodies=np.ones(images.shape, bool), lesions=lesions, mimics=mimics,
                     malignant=malignant,
                     vertebra=np.repeat(np.arange(n_vertebrae), per).astype(np.int32),
                     names=np.array([f"v{i}" for i in range(n_vertebrae)]))
+
+
+def test_kind_directions_are_the_class_means_of_one_type_vertebrae_against_healthy_ones():
+    from hideseek.training import kind_mean_directions
+
+    data = _toy_slice_set(lytic=True)
+    z = np.random.default_rng(0).normal(size=(len(data), 6))
+    kinds = kind_mean_directions(z, data)
+    healthy, v = data.malignant == 0, data.vertebra
+    assert np.allclose(kinds["lytic"], z[v % 4 == 3].mean(0) - z[healthy].mean(0))
+    assert np.allclose(kinds["blastic"], z[v % 4 == 1].mean(0) - z[healthy].mean(0))
+    # A vertebra with both types belongs to neither; without vertebrae of one type only, there are no directions.
+    both = _toy_slice_set(lytic=True)
+    both.lesions[v == 1, 0, 0] = 1
+    assert np.allclose(kind_mean_directions(z, both)["blastic"], z[v == 5].mean(0) - z[healthy].mean(0))
+    assert kind_mean_directions(z, _toy_slice_set()) is None
 
 
 def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
@@ -163,29 +185,29 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
 
     prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
     records = []
-    out = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=40), prep,
+    out = train_bundle(_toy_slice_set(lytic=True), tmp_path / "bundle", tmp_path / "state", _cfg(steps=40), prep,
                        device=torch.device("cpu"), classifier_C=0.01, eval_every=20, name="toy",
                        progress=records.append)
     bundle = load_bundle(out)
     # The minutes between the last step and the bundle are reported phase by phase, after the training records.
     phases = [r["export"] for r in records if "export" in r and "done" not in r]
     assert [p.split()[0] for p in phases] == ["encoding", "calibrating", "tuning"]
-    assert "export" not in records[0] and "4 shortlisted edits" in phases[-1]
+    assert "export" not in records[0] and "5 shortlisted edits" in phases[-1]
     # Within the tuning, every candidate setting of every shortlisted edit is counted, with an ETA from the second.
     tuned = records[records.index({"export": phases[-1]}) + 1:]
     settings = math.prod(len(values) for values in CANDIDATE_GRID.values())
-    assert [(r["done"], r["total"]) for r in tuned] == [(i, 4 * settings) for i in range(1, 4 * settings + 1)]
+    assert [(r["done"], r["total"]) for r in tuned] == [(i, 5 * settings) for i in range(1, 5 * settings + 1)]
     assert tuned[0]["eta_s"] is None and all(r["eta_s"] >= 0 for r in tuned[1:]) and tuned[-1]["eta_s"] == 0
     card = bundle.card
     assert card["training"]["steps"] == 40 and bundle.manifest["name"] == "toy"
     curve = card["metrics"]["learning_curve"]
     assert [p["step"] for p in curve] == [20, 40]
     assert {"val_auc", "efficacy", "efficacy blastic", "outside_ratio", "p_reencoded_edit"} <= set(curve[-1])
-    assert "efficacy lytic" not in curve[-1]  # the toy lesions are all blastic
+    assert "efficacy lytic" not in curve[-1]  # the one malignant validation vertebra has a blastic lesion
     assert bundle.preprocessing == prep
     calibration = card["metrics"]["edit_calibration"]
-    assert len(calibration["table"]) == 16  # two classifier strengths x two directions x four edit steps
-    assert {r["direction"] for r in calibration["table"]} == {"normal", "class means"}
+    assert len(calibration["table"]) == 24  # two classifier strengths x three directions x four edit steps
+    assert {r["direction"] for r in calibration["table"]} == {"normal", "class means", "class means per kind"}
     chosen = calibration["chosen"]
     tuning = card["metrics"]["candidate_tuning"]
     assert bundle.method["presets"]["fast"] == {"edit_step_scale": chosen["step_scale"], **tuning["chosen"]}
@@ -195,13 +217,15 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert bundle.manifest["classifier"]["fit"]["C"] == chosen["C"]
     # Candidate tuning chose the edit among the calibration's shortlist by its best F1.
     tried = calibration["shortlist"]
-    assert len(tried) == 4 and chosen | {"f1": tuning["f1"]} in tried
+    assert len(tried) == 5 and chosen | {"f1": tuning["f1"]} in tried
     assert [r["direction"] for r in tried].count("class means") == 1
-    # The bundle's classifier edits along the chosen direction.
+    assert [r["direction"] for r in tried].count("class means per kind") == 1
+    # The bundle's classifier edits along the chosen direction (or directions).
     assert (bundle.classifier.edit_direction is not None) == (chosen["direction"] == "class means")
+    assert (bundle.classifier.kind_directions is not None) == (chosen["direction"] == "class means per kind")
     assert tuning["f1"] == max(r["f1"] for r in tried)
     # Resuming continues the same run and keeps its curve; a last step between checkpoints gets its point too.
-    out2 = train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=50), prep,
+    out2 = train_bundle(_toy_slice_set(lytic=True), tmp_path / "bundle", tmp_path / "state", _cfg(steps=50), prep,
                         device=torch.device("cpu"), classifier_C=0.01, eval_every=20, overwrite=True)
     assert [p["step"] for p in load_bundle(out2).card["metrics"]["learning_curve"]] == [20, 40, 50]
     card_md = (out2 / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -209,7 +233,8 @@ def test_train_bundle_writes_a_loadable_bundle_with_a_learning_curve(tmp_path):
     assert "| lytic | blastic |" in card_md and "| – |" in card_md
     assert "| P gate | mean F1 | mimic FP |" in card_md
     assert "by the best lesion F1 of candidate tuning" in card_md
-    assert "by the most along each direction (3 along the classifier normal, 1 along the class means)" in card_md
+    assert ("by the most along each direction (3 along the classifier normal, 1 along the class means, 1 along the "
+            "class means per kind)") in card_md
     assert "gate_probability" in tuning["chosen"]
     assert "†" not in card_md  # every point was measured on the same validation vertebrae
     assert "‡" not in card_md and {p["edit_slices"] for p in curve} == {EDIT_SLICES}

@@ -2,7 +2,8 @@
 
 1. encode each slice to its semantic code z and (DDIM) noise code x_T, and reconstruct it;
 2. move z along the latent classifier's normal to P(malignant) = target and decode with the same x_T:
-   the *healthy edit*;
+   the *healthy edit* (a model may carry one edit direction per lesion type: the lytic edit's brightening and
+   the blastic edit's darkening then make up the healthy edit, ``merge_kind_edits``);
 3. lytic candidates = where the edit is brighter than the reconstruction, blastic = where it is darker,
    inside the vertebral body, each above the median of its positive values, split into components (a model's
    bundle may keep them a few pixels inside the body outline and above an absolute change: an imperfect edit
@@ -156,6 +157,26 @@ class SliceResult:
         for lesion in self.kept(self.delta_threshold if delta_threshold is None else delta_threshold):
             out[lesion.mask] = lesion.kind
         return out
+
+
+def edited_latents(
+    classifier: LatentClassifier, z: torch.Tensor, target_probability: float, step_scale: float
+) -> dict[int | None, torch.Tensor]:
+    """The healthy edit's latent ({None: z_edit}), or one per lesion type ({LYTIC: .., BLASTIC: ..}) when the
+    classifier carries ``kind_directions``; each until the classifier says ``target_probability``."""
+    if classifier.kind_directions is None:
+        return {None: classifier.edit(z, target_probability, step_scale=step_scale)}
+    return {kind: classifier.for_kind(name).edit(z, target_probability, step_scale=step_scale)
+            for kind, name in LESION_TYPES.items()}
+
+
+def merge_kind_edits(recon: torch.Tensor, edits: dict[int | None, torch.Tensor]) -> torch.Tensor:
+    """One healthy edit from the decoded edits of ``edited_latents``: with one per lesion type, the lytic edit
+    where it brightens the reconstruction and the blastic edit where it darkens it, so that each type's
+    candidates (``candidate_maps``) come from the edit that was made to remove that type."""
+    if None in edits:
+        return edits[None]
+    return recon + (edits[LYTIC] - recon).clamp(min=0) + (edits[BLASTIC] - recon).clamp(max=0)
 
 
 def candidate_maps(
@@ -316,18 +337,24 @@ class HideAndSeek:
         p_malignant = self.classifier.probability(z).cpu().numpy()
         # A slice already as healthy as the target (or below the gate) is not edited: it has no candidates.
         active = torch.from_numpy(p_malignant > max(s.target_probability, s.gate_probability or 0.0))
-        z_edit = self.classifier.edit(z.double(), s.target_probability, step_scale=s.edit_step_scale)
+        z_edits = edited_latents(self.classifier, z.double(), s.target_probability, s.edit_step_scale)
         on = active.to(z.device)[:, None]
-        p_healthy = self.classifier.probability(torch.where(on, z_edit, z.double())).cpu().numpy()
-        z_edit = torch.where(on, z_edit.to(z.dtype), z)
-        counter.add_total(-(n - int(active.sum())) * self._dec.steps)
+        # With one edit per lesion type the healthiest composite has every type edited: the least healthy
+        # edited latent is its score's floor.
+        p_healthy = np.max([self.classifier.probability(torch.where(on, z_edit, z.double())).cpu().numpy()
+                            for z_edit in z_edits.values()], axis=0)
+        n_active = int(active.sum())
+        counter.add_total(-(n - n_active) * self._dec.steps + (len(z_edits) - 1) * n_active * self._dec.steps)
 
         inversion = inversion or self._invert(x, z, counter)
         counter.stage = "healthy edit"
         edit = inversion.recon.clone()
         if active.any():
             on = active.to(self.device)
-            edit[on] = self._ddim(self._dec, False, inversion.xT[on], z_edit[on], counter.tick)
+            recon = inversion.recon[on]
+            decoded = {kind: self._ddim(self._dec, False, inversion.xT[on], z_edit[on].to(z.dtype), counter.tick)
+                       for kind, z_edit in z_edits.items()}
+            edit[on] = merge_kind_edits(recon, decoded)
         return Edits(inversion.images, inversion.recon, edit, p_malignant, p_healthy, active.numpy())
 
     @torch.inference_mode()

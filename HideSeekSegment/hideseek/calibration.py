@@ -26,7 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attribution import BLASTIC, LESION_TYPES, LYTIC, Edits, HideAndSeek, Inversion
+from .attribution import (
+    BLASTIC,
+    LESION_TYPES,
+    LYTIC,
+    Edits,
+    HideAndSeek,
+    Inversion,
+    edited_latents,
+    merge_kind_edits,
+)
 from .classifier import LatentClassifier
 from .dataset import SliceSet
 from .metrics import (
@@ -40,14 +49,16 @@ from .metrics import (
 from .network import DiffusionAutoencoder
 from .sampler import DDIMSampler, DiffusionConfig
 
-NORMAL, CLASS_MEANS = "normal", "class means"
-"""Edit directions: the classifier's normal, or the class-mean difference (``classifier.class_mean_direction``)."""
+NORMAL, CLASS_MEANS, KIND_MEANS = "normal", "class means", "class means per kind"
+"""Edit directions: the classifier's normal, the class-mean difference (``classifier.class_mean_direction``), or
+one class-mean difference per lesion type (vertebrae with lytic lesions only, and with blastic lesions only,
+against healthy ones; ``classifier.kind_directions``)."""
 
 EditKey = tuple[float, str]
 """(C, direction) of an edit's classifier; with the step scale, (C, direction, scale) names a calibrated edit."""
 
 SHORTLIST = 3
-"""Edits along the normal handed to candidate tuning (with one along the class-mean difference): each costs one
+"""Edits along the normal handed to candidate tuning (with the best along each other direction): each costs one
 tuning (an edit of the tuning slices and the grid)."""
 
 CANDIDATE_GRID: dict[str, tuple] = {
@@ -100,12 +111,14 @@ def calibrate_edit(
     sampler = DDIMSampler(diffusion, steps)
     z = model.encode(x)
     xT = sampler.encode(model, x, z)
-    recon = sampler.decode(model, xT, z)[:, 0].cpu().numpy()
+    recon_t = sampler.decode(model, xT, z)
+    recon = recon_t[:, 0].cpu().numpy()
     table = []
     for (C, direction), clf in classifiers.items():
         for scale in scales:
-            z_edit = clf.edit(z.double(), target_probability, step_scale=scale).to(z.dtype)
-            edit_t = sampler.decode(model, xT, z_edit)
+            z_edits = edited_latents(clf, z.double(), target_probability, scale)
+            edit_t = merge_kind_edits(recon_t, {kind: sampler.decode(model, xT, z_edit.to(z.dtype))
+                                                for kind, z_edit in z_edits.items()})
             edit = edit_t[:, 0].cpu().numpy()
             row = edit_efficacy(images[has], recon, edit, lesions[has], bodies[has], LESION_TYPES)
             row["p_reencoded_edit"] = float(clf.probability(model.encode(edit_t)).mean())

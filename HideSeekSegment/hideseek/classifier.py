@@ -4,7 +4,10 @@ Hide-and-Seek labels only whole vertebrae, so the classifier on the DAE's semant
 "malignant": its normal is the direction along which z is moved to render a healthy counterpart. A classifier
 may carry another ``edit_direction`` (e.g. ``class_mean_direction``, the limit of its normal for C -> 0, which
 cannot fit the training vertebrae's own codes): the edit then moves along that, still until the classifier says
-the target probability. Everything
+the target probability. It may instead carry ``kind_directions``, one direction per lesion type (e.g. the
+class means of vertebrae with lytic lesions only, and of those with blastic lesions only, each against healthy
+ones): the method then makes one edit per type (``for_kind``) and takes each type's candidates from its own edit
+(attribution.py). Everything
 here computes in float64, because the edit places z exactly at a target probability (e.g. 1e-5), far out in
 the sigmoid's tail where float32 rounding would miss it.
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,6 +32,9 @@ LOGIT_CLIP = 50.0
 """Logits are clipped to ±50 before the sigmoid: beyond that the probability is 0 or 1 in float64 anyway."""
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+KINDS = ("lytic", "blastic")
+"""Lesion types a classifier's ``kind_directions`` are named by (attribution.LESION_TYPES' names)."""
 
 
 def _vector(name: str, value: object) -> np.ndarray:
@@ -50,6 +56,7 @@ class LatentClassifier:
     mean: np.ndarray
     scale: np.ndarray
     edit_direction: np.ndarray | None = None  # raw-z move towards malignant; None = along the normal
+    kind_directions: dict[str, np.ndarray] | None = None  # one raw-z move per lesion type in KINDS, or None
 
     def __post_init__(self) -> None:
         coef, mean, scale = (_vector(n, getattr(self, n)) for n in ("coef", "mean", "scale"))
@@ -57,14 +64,26 @@ class LatentClassifier:
             raise ValueError(
                 f"classifier shapes disagree: coef {coef.shape}, mean {mean.shape}, scale {scale.shape}"
             )
-        if self.edit_direction is not None:
-            direction = _vector("edit_direction", self.edit_direction)
+
+        def checked(name: str, value: object) -> np.ndarray:
+            direction = _vector(name, value)
             if direction.shape != coef.shape:
-                raise ValueError(f"classifier edit_direction has shape {direction.shape}, coef {coef.shape}")
+                raise ValueError(f"classifier {name} has shape {direction.shape}, coef {coef.shape}")
             if not float(coef / scale @ direction) > 0:  # self.slope, before the fields are set
-                raise ValueError("classifier edit_direction does not raise P(malignant): "
-                                 "it cannot edit towards healthy")
-            object.__setattr__(self, "edit_direction", direction)
+                raise ValueError(f"classifier {name} does not raise P(malignant): it cannot edit towards healthy")
+            return direction
+
+        if self.edit_direction is not None:
+            object.__setattr__(self, "edit_direction", checked("edit_direction", self.edit_direction))
+        if self.kind_directions is not None:
+            if self.edit_direction is not None:
+                raise ValueError("a classifier edits along one edit_direction or along kind_directions, not both")
+            if not isinstance(self.kind_directions, dict) or set(self.kind_directions) != set(KINDS):
+                given = sorted(self.kind_directions) if isinstance(self.kind_directions, dict) else "not a mapping"
+                raise ValueError(f"classifier kind_directions needs exactly the lesion types {list(KINDS)}, "
+                                 f"got {given}")
+            object.__setattr__(self, "kind_directions", {
+                kind: checked(f"kind_directions[{kind!r}]", self.kind_directions[kind]) for kind in KINDS})
         if np.any(scale <= 0):
             raise ValueError(f"classifier scale must be positive; {int(np.sum(scale <= 0))} entries are not")
         intercept = float(self.intercept)
@@ -86,13 +105,13 @@ class LatentClassifier:
     @classmethod
     def from_dict(cls, data: dict) -> LatentClassifier:
         """Build from the JSON form; exactly the keys of ``to_dict`` are accepted (``edit_direction`` optional)."""
-        expected = {"coef", "intercept", "mean", "scale"}
-        if not isinstance(data, dict) or not expected <= set(data) <= expected | {"edit_direction"}:
+        expected, optional = {"coef", "intercept", "mean", "scale"}, {"edit_direction", "kind_directions"}
+        if not isinstance(data, dict) or not expected <= set(data) <= expected | optional:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"classifier needs exactly the keys {sorted(expected)} (and optionally "
-                             f"'edit_direction'), got {keys}")
+                             f"{' or '.join(map(repr, sorted(optional)))}), got {keys}")
         return cls(coef=data["coef"], intercept=data["intercept"], mean=data["mean"], scale=data["scale"],
-                   edit_direction=data.get("edit_direction"))
+                   edit_direction=data.get("edit_direction"), kind_directions=data.get("kind_directions"))
 
     def to_dict(self) -> dict:
         """JSON-able form; Python floats keep every bit, so a JSON round trip is exact."""
@@ -102,7 +121,17 @@ class LatentClassifier:
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
         }
-        return out if self.edit_direction is None else out | {"edit_direction": self.edit_direction.tolist()}
+        if self.edit_direction is not None:
+            out["edit_direction"] = self.edit_direction.tolist()
+        if self.kind_directions is not None:
+            out["kind_directions"] = {kind: d.tolist() for kind, d in self.kind_directions.items()}
+        return out
+
+    def for_kind(self, kind: str) -> LatentClassifier:
+        """This classifier editing along its direction for lesion type ``kind`` (one of ``KINDS``)."""
+        if self.kind_directions is None:
+            raise ValueError("this classifier has no per-kind edit directions")
+        return replace(self, edit_direction=self.kind_directions[kind], kind_directions=None)
 
     def _as64(self, z: torch.Tensor) -> torch.Tensor:
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.dim:
@@ -156,6 +185,8 @@ class LatentClassifier:
             raise ValueError(f"target probability must lie strictly between 0 and 1, got {target_probability}")
         if not math.isfinite(step_scale):
             raise ValueError(f"step_scale must be finite, got {step_scale}")
+        if self.kind_directions is not None:
+            raise ValueError("this classifier edits per lesion type: edit with for_kind(kind)")
         norm = self._checked_norm()
         target_logit = math.log(target_probability) - math.log1p(-target_probability)
         if self.edit_direction is not None:

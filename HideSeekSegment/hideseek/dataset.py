@@ -55,6 +55,11 @@ class SliceSet:
         names = sorted(str(n) for n in self.names[np.unique(self.vertebra)])
         return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:12]
 
+    def vertebra_has(self, kind: int) -> np.ndarray:
+        """Per slice, whether its vertebra holds lesion type ``kind`` in any of its slices of this set (a
+        vertebra-level label, read from the lesion truth)."""
+        return np.isin(self.vertebra, np.unique(self.vertebra[(self.lesions == kind).any(axis=(1, 2))]))
+
     def middle_slices(self) -> np.ndarray:
         """Index of the middle slice of each vertebra (in set order): the nearest to the paper's ``mid`` mode."""
         per_vertebra = [np.flatnonzero(self.vertebra == v) for v in np.unique(self.vertebra)]

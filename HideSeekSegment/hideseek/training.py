@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .attribution import LESION_TYPES, AttributionSettings, HideAndSeek, settings_for
 from .bundle import check_replaceable, read_bundle_manifest, save_bundle
-from .calibration import CLASS_MEANS, NORMAL, calibrate_edit, tune_candidates
-from .classifier import LatentClassifier, class_mean_direction, fit_latent_classifier, roc_auc
+from .calibration import CLASS_MEANS, KIND_MEANS, NORMAL, calibrate_edit, tune_candidates
+from .classifier import KINDS, LatentClassifier, class_mean_direction, fit_latent_classifier, roc_auc
 from .dataset import SliceSet
 from .device import bf16_is_fast
 from .errors import BundleError, InputError
@@ -604,6 +604,24 @@ def learning_point(model: DiffusionAutoencoder, diffusion: DiffusionConfig, trai
     return {"val_auc": round(val_auc, 4), "C": info["C"]} | measure_edit(model, diffusion, clf, val, quick)
 
 
+def kind_mean_directions(z: np.ndarray, data: SliceSet) -> dict[str, np.ndarray] | None:
+    """Per lesion type, the mean code of vertebrae with lesions of that type only minus that of healthy vertebrae
+    (``classifier.kind_directions``); None unless both types have such vertebrae.
+
+    The class means of all malignant vertebrae move towards whichever type dominates z (blastic, for the demo
+    model: BENCHMARKS.md section 3); those of lytic-only vertebrae were a lytic edit in the same z."""
+    healthy = data.malignant == 0
+    has = {name: data.vertebra_has(kind) for kind, name in LESION_TYPES.items()}
+    directions = {}
+    for name in KINDS:
+        only = (data.malignant == 1) & has[name] & ~np.any([v for k, v in has.items() if k != name], axis=0)
+        if not only.any() or not healthy.any():
+            return None
+        keep = healthy | only
+        directions[name] = class_mean_direction(z[keep], only[keep])
+    return directions
+
+
 def fit_classifier(model: DiffusionAutoencoder, data: SliceSet, *, C: float | None, seed: int,
                    z: np.ndarray | None = None):
     """The latent classifier of ``model`` on ``data`` (``z``: its latents, when already encoded)."""
@@ -708,6 +726,9 @@ def train_bundle(
         # On codes that barely separate the classes the mean difference may not raise the score: no such edit.
         classifiers |= {(C, CLASS_MEANS): replace(f[0], edit_direction=means) for C, f in fits.items()
                         if f[0].slope(means) > 0}
+        if (kinds := kind_mean_directions(z_train, train)) is not None:
+            classifiers |= {(C, KIND_MEANS): replace(f[0], kind_directions=kinds) for C, f in fits.items()
+                            if all(f[0].slope(d) > 0 for d in kinds.values())}
         phase("calibrating the edit strength on validation lesions")
         cal = calibrate_edit(trainer.ema, diffusion, classifiers, val)
         C, direction, scale = cal.shortlist[0]
