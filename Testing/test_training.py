@@ -481,6 +481,41 @@ def test_data_without_both_classes_is_refused_before_training(tmp_path):
     assert not (tmp_path / "bundle").exists() and not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize(("data", "direction", "needle"), [
+    ("blastic only", "class means per kind", "lytic lesions only and with blastic lesions only"),
+    ("no truth", "normal", "needs lesion truth"),
+    ("both types", "sideways", "unknown edit direction 'sideways'"),
+])
+def test_an_edit_direction_the_data_cannot_calibrate_is_refused_before_training(tmp_path, data, direction, needle):
+    from hideseek.errors import InputError
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import train_bundle
+
+    slices = _toy_slice_set(lytic=data == "both types")
+    if data == "no truth":
+        slices.lesions[:] = 0
+    with pytest.raises(InputError, match=needle):
+        train_bundle(slices, tmp_path / "bundle", tmp_path / "state", _cfg(), Preprocessing(image_size=16),
+                     device=torch.device("cpu"), edit_direction=direction)
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "state").exists()
+
+
+def test_an_export_limited_to_the_per_kind_edit_calibrates_and_tunes_only_that(tmp_path):
+    from hideseek.bundle import load_bundle
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import train_bundle
+
+    prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    out = train_bundle(_toy_slice_set(lytic=True), tmp_path / "bundle", tmp_path / "state", _cfg(steps=20), prep,
+                       device=torch.device("cpu"), classifier_C=0.01, eval_every=20,
+                       edit_direction="class means per kind")
+    bundle = load_bundle(out)
+    calibration = bundle.card["metrics"]["edit_calibration"]
+    assert {r["direction"] for r in calibration["table"]} == {"class means per kind"} and len(calibration["table"]) == 8
+    assert [r["direction"] for r in calibration["shortlist"]] == ["class means per kind"]
+    assert set(bundle.classifier.kind_directions) == {"lytic", "blastic"} and bundle.classifier.edit_direction is None
+
+
 @pytest.mark.parametrize(("extra", "needle"), [(["--lr-decay-from", "20"], "--lr-decay-from 20 must be a step before"),
                                                (["--lr-final", "0.1"], "--lr-final 0.1 must be positive"),
                                                (["--label-weight", "-1"], "--label-weight -1.0 must be 0 or"),

@@ -339,8 +339,8 @@ class HideAndSeek:
         active = torch.from_numpy(p_malignant > max(s.target_probability, s.gate_probability or 0.0))
         z_edits = edited_latents(self.classifier, z.double(), s.target_probability, s.edit_step_scale)
         on = active.to(z.device)[:, None]
-        # With one edit per lesion type the healthiest composite has every type edited: the least healthy
-        # edited latent is its score's floor.
+        # Δ's healthy end: with one edit per lesion type, the higher of the two edited latents' scores (both
+        # are the target at edit step × 1).
         p_healthy = np.max([self.classifier.probability(torch.where(on, z_edit, z.double())).cpu().numpy()
                             for z_edit in z_edits.values()], axis=0)
         n_active = int(active.sum())

@@ -15,7 +15,8 @@ rebuild the network, sample, preprocess and classify, plus a model card a GUI ca
       "diffusion": {...},                      # DiffusionConfig.to_dict()
       "preprocessing": {...},                  # Preprocessing.to_dict()
       "classifier": {"coef": [...], "intercept": x, "mean": [...], "scale": [...],
-                     "fit": {...}},            # LatentClassifier.to_dict(); "fit" (optional) = how it was fitted
+                     "fit": {...}},            # LatentClassifier.to_dict(); "fit" (optional) = how it was fitted;
+                                               # "edit_direction" or "kind_directions" (optional): see the class
       "method": {...},                         # default attribution settings (free dict, e.g. "default_preset")
       "card": {"summary": str, "intended_use": str, "licence": str, "provenance": {...},
                "training": {...}, "metrics": {...}, "limitations": str},

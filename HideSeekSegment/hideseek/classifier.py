@@ -104,7 +104,8 @@ class LatentClassifier:
 
     @classmethod
     def from_dict(cls, data: dict) -> LatentClassifier:
-        """Build from the JSON form; exactly the keys of ``to_dict`` are accepted (``edit_direction`` optional)."""
+        """Build from the JSON form; exactly the keys of ``to_dict`` are accepted (``edit_direction`` or
+        ``kind_directions`` optional)."""
         expected, optional = {"coef", "intercept", "mean", "scale"}, {"edit_direction", "kind_directions"}
         if not isinstance(data, dict) or not expected <= set(data) <= expected | optional:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__

@@ -221,6 +221,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="share of each batch trained at t >= T/2, where only z can carry the image (default 0.5)")
     p.add_argument("--classifier-c", type=float, default=0.01,
                    help="L2 strength of the latent classifier (sklearn's C; default 0.01 as published; 0 = by CV)")
+    p.add_argument("--edit-direction", choices=("normal", "class-means", "per-kind"),
+                   help="calibrate the healthy edit along this direction only: the classifier's normal, the "
+                   "difference of the class means, or one difference per lesion type (needs lesion truth; default: "
+                   "every direction the data allows competes on validation F1)")
     p.add_argument("--x0-weight-max", type=float, default=1.0,
                    help="weight samples by min(1/SNR(t), this): >1 pushes the decoder to use z (default 1: plain)")
     p.add_argument("--label-weight", type=float, default=0.0,
@@ -263,6 +267,7 @@ def _extracting(what: str) -> Callable[[int, int], None]:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .bundle import check_replaceable
+    from .calibration import CLASS_MEANS, KIND_MEANS, NORMAL
     from .dataset import cached_slice_set
     from .device import resolve_device
     from .preprocessing import PHANTOM_CURVE, PHANTOM_WINDOW, Preprocessing
@@ -298,6 +303,8 @@ def _run_train(args: argparse.Namespace) -> int:
         provenance={"manifest": str(args.manifest), "command": args.command_line},
         progress=_print_training, overwrite=args.overwrite, card_text=card_text,
         keep_snapshots=args.keep_snapshots, from_snapshot=args.export_snapshot,
+        edit_direction=args.edit_direction and {"normal": NORMAL, "class-means": CLASS_MEANS,
+                                                "per-kind": KIND_MEANS}[args.edit_direction],
     )
     print(f"\nwrote model bundle {out}", file=sys.stderr)
     return 0

@@ -604,6 +604,28 @@ def learning_point(model: DiffusionAutoencoder, diffusion: DiffusionConfig, trai
     return {"val_auc": round(val_auc, 4), "C": info["C"]} | measure_edit(model, diffusion, clf, val, quick)
 
 
+EDIT_DIRECTIONS = (NORMAL, CLASS_MEANS, KIND_MEANS)
+
+
+def check_edit_direction(direction: str, slices: SliceSet) -> None:
+    """Refuse, before any training, an edit direction the export could not calibrate on ``slices``."""
+    if direction not in EDIT_DIRECTIONS:
+        raise InputError(f"unknown edit direction {direction!r}: use one of {', '.join(EDIT_DIRECTIONS)}")
+    if not (slices.lesions > 0).any():
+        raise InputError("choosing the edit direction needs lesion truth to calibrate it on (e.g. phantoms); "
+                         "this data has none")
+    if direction == KIND_MEANS and any(not only.any() for only in _one_type_vertebrae(slices).values()):
+        raise InputError("an edit per lesion type needs malignant vertebrae with lytic lesions only and with "
+                         "blastic lesions only in the lesion truth; this data lacks one of them")
+
+
+def _one_type_vertebrae(data: SliceSet) -> dict[str, np.ndarray]:
+    """Per lesion type, which slices belong to malignant vertebrae whose lesions are all of that type."""
+    has = {name: data.vertebra_has(kind) for kind, name in LESION_TYPES.items()}
+    return {name: (data.malignant == 1) & has[name] & ~np.any([v for k, v in has.items() if k != name], axis=0)
+            for name in KINDS}
+
+
 def kind_mean_directions(z: np.ndarray, data: SliceSet) -> dict[str, np.ndarray] | None:
     """Per lesion type, the mean code of vertebrae with lesions of that type only minus that of healthy vertebrae
     (``classifier.kind_directions``); None unless both types have such vertebrae.
@@ -611,10 +633,8 @@ def kind_mean_directions(z: np.ndarray, data: SliceSet) -> dict[str, np.ndarray]
     The class means of all malignant vertebrae move towards whichever type dominates z (blastic, for the demo
     model: BENCHMARKS.md section 3); those of lytic-only vertebrae were a lytic edit in the same z."""
     healthy = data.malignant == 0
-    has = {name: data.vertebra_has(kind) for kind, name in LESION_TYPES.items()}
     directions = {}
-    for name in KINDS:
-        only = (data.malignant == 1) & has[name] & ~np.any([v for k, v in has.items() if k != name], axis=0)
+    for name, only in _one_type_vertebrae(data).items():
         if not only.any() or not healthy.any():
             return None
         keep = healthy | only
@@ -648,6 +668,7 @@ def train_bundle(
     calibrate: bool = True,
     keep_snapshots: bool = False,
     from_snapshot: int | None = None,
+    edit_direction: str | None = None,
 ) -> Path:
     """Train (or resume) the DAE, fit the latent classifier on its codes and write a bundle with a model card.
 
@@ -658,9 +679,12 @@ def train_bundle(
     (the given one or ten times stronger) and the edit step on validation lesions (calibration.py).
     ``keep_snapshots`` also saves the EMA at every learning-curve point (``snapshot_path``); ``from_snapshot``
     exports the one of that step instead of training, leaving the state as it is: the last step of a run is
-    not always its best.
+    not always its best. ``edit_direction`` (one of ``EDIT_DIRECTIONS``) limits the calibration to edits along
+    that direction; by default every direction the data allows competes.
     """
     _check_both_classes(slices)
+    if edit_direction is not None:
+        check_edit_direction(edit_direction, slices)
     check_resume_preprocessing(state_dir, preprocessing)
     check_replaceable(out_dir, overwrite)  # not after hours of training and export
     state_dir = Path(state_dir)
@@ -729,6 +753,11 @@ def train_bundle(
         if (kinds := kind_mean_directions(z_train, train)) is not None:
             classifiers |= {(C, KIND_MEANS): replace(f[0], kind_directions=kinds) for C, f in fits.items()
                             if all(f[0].slope(d) > 0 for d in kinds.values())}
+        if edit_direction is not None:
+            classifiers = {key: clf for key, clf in classifiers.items() if key[1] == edit_direction}
+            if not classifiers:
+                raise InputError(f"no classifier raises P(malignant) along the {edit_direction}: this model's codes "
+                                 "cannot be edited that way; export without --edit-direction")
         phase("calibrating the edit strength on validation lesions")
         cal = calibrate_edit(trainer.ema, diffusion, classifiers, val)
         C, direction, scale = cal.shortlist[0]
