@@ -259,8 +259,25 @@ def test_the_twin_study_compares_edits_against_a_truth_that_removes_the_lesions(
     assert -1 <= rows["twin code"]["cosine_to_normal"] <= 1
     assert (out / "examples.png").stat().st_size > 0 and "| twin code |" in capsys.readouterr().out
 
-    # pairs that no longer match (one set regenerated from another seed) are refused, not compared
+    # A model that edits per lesion type gets its two edits merged as the method merges them: along the normal
+    # for both types, exactly the plain edit (and no single code to measure).
     import shutil
+
+    per_kind = tmp_path / "per-kind"
+    shutil.copytree(toy_bundle, per_kind)
+    manifest = json.loads((per_kind / "model.json").read_text())
+    normal = manifest["classifier"]["coef"]  # scale 1: the normal as a move of raw z
+    manifest["classifier"]["kind_directions"] = {"lytic": normal, "blastic": normal}
+    (per_kind / "model.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr("sys.argv", ["edit_oracle.py", "--pairs", str(tmp_path / "pairs"), "--cases", "1",
+                                     "--seed", "5", "--slices", "4", "--model", str(per_kind), "--out",
+                                     str(tmp_path / "out-per-kind")])
+    oracle.main()
+    merged = json.loads((tmp_path / "out-per-kind" / "oracle.json").read_text())["rows"]["classifier"]
+    assert merged["efficacy"] == pytest.approx(rows["classifier"]["efficacy"], rel=1e-4)
+    assert "cosine_to_normal" not in merged
+
+    # pairs that no longer match (one set regenerated from another seed) are refused, not compared
 
     shutil.rmtree(tmp_path / "pairs" / "twins")
     (tmp_path / "pairs" / "slices-twins.npz").unlink()

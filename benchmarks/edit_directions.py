@@ -82,7 +82,8 @@ def main() -> None:
             skipped.append(name)
             continue
         cosine = float(torch.nn.functional.cosine_similarity(oracle_move, -d[None], dim=1).mean())
-        along = replace(studied.classifier, edit_direction=d.numpy())  # the model's classifier sets the length
+        # The model's classifier sets the length (whichever way the model itself edits).
+        along = replace(studied.classifier, edit_direction=d.numpy(), kind_directions=None)
         for scale in SCALES:
             print(f"{name}, step × {scale:g}", flush=True)
             z_edit = along.edit(z, target, step_scale=scale)

@@ -6,7 +6,8 @@ DDIM noise code x_T (20/20 steps), four semantic codes and measures each result 
 reconstruction as the model card's edit efficacy does (change inside lesions ÷ lesion contrast, and the change
 in the lesion-free body beside it):
 
-- ``classifier``: the model's healthy edit (its latent classifier's normal, to P = target, step × 1);
+- ``classifier``: the model's healthy edit (its latent classifier's normal, to P = target, step × 1; or its two
+  edits, one per lesion type, merged as the method merges them);
 - ``twin code``: the twin's own code z(twin), an oracle: the best a move of z alone can do for this slice;
 - ``twin direction``: the mean z(twin) − z(lesioned) of the *other* half of the vertebrae, one global direction;
 - ``twin reconstruction``: the twin through the DAE with its own x_T (not an edit: what the model draws for it);
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from studied_model import StudiedModel, add_model_arguments, load_studied
 
-from hideseek.attribution import LESION_TYPES, settings_for
+from hideseek.attribution import LESION_TYPES, edited_latents, merge_kind_edits, settings_for
 from hideseek.dataset import SliceSet, cached_slice_set
 from hideseek.errors import HideSeekError
 from hideseek.metrics import edit_efficacy
@@ -93,12 +94,14 @@ def measure(studied: StudiedModel, lesioned: SliceSet, twins: SliceSet, max_slic
     z, xT, recon = invert(studied, les.images)
     z_twin, _, recon_twin = invert(studied, twin.images)
     target = settings_for("fast").target_probability
-    codes = {
-        "classifier": studied.classifier.edit(z.double(), target).float(),
-        "twin code": z_twin,
-        "twin direction": z + half_direction(z, z_twin, les.vertebra),
-    }
+    model_edits = edited_latents(studied.classifier, z.double(), target, 1.0)
+    codes = {"twin code": z_twin, "twin direction": z + half_direction(z, z_twin, les.vertebra)}
+    if None in model_edits:  # one code; a model that edits per lesion type has two, merged as the method does
+        codes = {"classifier": model_edits[None].float()} | codes
     images = {name: decode(studied, xT, code) for name, code in codes.items()}
+    if None not in model_edits:
+        decoded = {kind: torch.from_numpy(decode(studied, xT, code.float())) for kind, code in model_edits.items()}
+        images["classifier"] = merge_kind_edits(torch.from_numpy(recon), decoded).numpy()
     images |= {"twin reconstruction": recon_twin, "truth": twin.images}
     clf = studied.classifier
     rows = {}
@@ -113,7 +116,8 @@ def measure(studied: StudiedModel, lesioned: SliceSet, twins: SliceSet, max_slic
         rows[name] = row
     rows["input"] = {"p_code": float(clf.probability(z.double()).mean()), "slices": len(picked),
                      "vertebrae": len(np.unique(les.vertebra))}
-    shown = {"image": les.images, "truth": twin.images, "recon": recon} | {k: images[k] for k in codes}
+    shown = {"image": les.images, "truth": twin.images, "recon": recon} | {
+        k: images[k] for k in ("classifier", "twin code", "twin direction")}
     return rows, {"shown": shown, "lesions": les.lesions, "recon": recon}
 
 
