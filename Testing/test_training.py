@@ -483,17 +483,20 @@ def test_data_without_both_classes_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize(("data", "direction", "needle"), [
     ("blastic only", "class means per kind", "lytic lesions only and with blastic lesions only"),
-    ("no truth", "normal", "needs lesion truth"),
+    ("no truth", "normal", "needs lesion truth.*this data has none"),
+    ("no truth in validation", "class means", "needs lesion truth.*none of the 2 validation vertebrae"),
     ("both types", "sideways", "unknown edit direction 'sideways'"),
 ])
 def test_an_edit_direction_the_data_cannot_calibrate_is_refused_before_training(tmp_path, data, direction, needle):
     from hideseek.errors import InputError
     from hideseek.preprocessing import Preprocessing
-    from hideseek.training import train_bundle
+    from hideseek.training import split_by_vertebra, train_bundle
 
     slices = _toy_slice_set(lytic=data == "both types")
     if data == "no truth":
         slices.lesions[:] = 0
+    if data == "no truth in validation":  # the export calibrates on its validation vertebrae only
+        slices.lesions[split_by_vertebra(slices.vertebra, slices.malignant, 0.1, _cfg().seed)] = 0
     with pytest.raises(InputError, match=needle):
         train_bundle(slices, tmp_path / "bundle", tmp_path / "state", _cfg(), Preprocessing(image_size=16),
                      device=torch.device("cpu"), edit_direction=direction)

@@ -607,16 +607,18 @@ def learning_point(model: DiffusionAutoencoder, diffusion: DiffusionConfig, trai
 EDIT_DIRECTIONS = (NORMAL, CLASS_MEANS, KIND_MEANS)
 
 
-def check_edit_direction(direction: str, slices: SliceSet) -> None:
-    """Refuse, before any training, an edit direction the export could not calibrate on ``slices``."""
+def check_edit_direction(direction: str, train: SliceSet, val: SliceSet) -> None:
+    """Refuse, before any training, an edit direction the export could not fit on ``train`` or calibrate on
+    ``val`` (its validation vertebrae): otherwise the option would be silently moot."""
     if direction not in EDIT_DIRECTIONS:
         raise InputError(f"unknown edit direction {direction!r}: use one of {', '.join(EDIT_DIRECTIONS)}")
-    if not (slices.lesions > 0).any():
-        raise InputError("choosing the edit direction needs lesion truth to calibrate it on (e.g. phantoms); "
-                         "this data has none")
-    if direction == KIND_MEANS and any(not only.any() for only in _one_type_vertebrae(slices).values()):
-        raise InputError("an edit per lesion type needs malignant vertebrae with lytic lesions only and with "
-                         "blastic lesions only in the lesion truth; this data lacks one of them")
+    if not (val.lesions > 0).any():
+        where = "this data has none" if not (train.lesions > 0).any() else (
+            f"none of the {len(np.unique(val.vertebra))} validation vertebrae (held out by the seed) has any")
+        raise InputError(f"choosing the edit direction needs lesion truth to calibrate it on (e.g. phantoms); {where}")
+    if direction == KIND_MEANS and any(not only.any() for only in _one_type_vertebrae(train).values()):
+        raise InputError("an edit per lesion type needs malignant training vertebrae with lytic lesions only and "
+                         "with blastic lesions only in the lesion truth; this data lacks one of them")
 
 
 def _one_type_vertebrae(data: SliceSet) -> dict[str, np.ndarray]:
@@ -683,8 +685,12 @@ def train_bundle(
     that direction; by default every direction the data allows competes.
     """
     _check_both_classes(slices)
+    held = split_by_vertebra(slices.vertebra, slices.malignant, 0.1, cfg.seed)
+    train, val = slices.subset(~held), slices.subset(held)
     if edit_direction is not None:
-        check_edit_direction(edit_direction, slices)
+        if not calibrate:
+            raise ValueError("edit_direction chooses among calibrated edits: it needs calibrate=True")
+        check_edit_direction(edit_direction, train, val)
     check_resume_preprocessing(state_dir, preprocessing)
     check_replaceable(out_dir, overwrite)  # not after hours of training and export
     state_dir = Path(state_dir)
@@ -693,8 +699,6 @@ def train_bundle(
     text = dict(card_text or {})
     provenance = (provenance or {}) | text.pop("provenance", {})
     diffusion = DiffusionConfig()
-    held = split_by_vertebra(slices.vertebra, slices.malignant, 0.1, cfg.seed)
-    train, val = slices.subset(~held), slices.subset(held)
     if (state_dir / "state.json").is_file():
         changeable = {name: getattr(cfg, name) for name in RESUME_OVERRIDES}
         trainer = Trainer.resume(state_dir, device, ema_fallback=_bundle_ema(out_dir, state_dir), **changeable)
