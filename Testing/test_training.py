@@ -503,6 +503,21 @@ def test_an_edit_direction_the_data_cannot_calibrate_is_refused_before_training(
     assert not (tmp_path / "bundle").exists() and not (tmp_path / "state").exists()
 
 
+def test_an_edit_direction_that_does_not_raise_the_score_is_refused_without_writing_a_bundle(tmp_path, monkeypatch):
+    import hideseek.training as training
+    from hideseek.errors import InputError
+    from hideseek.preprocessing import Preprocessing
+
+    reversed_means = training.class_mean_direction  # pointing to healthy: lowers P(malignant) along it
+    monkeypatch.setattr(training, "class_mean_direction", lambda z, malignant: -reversed_means(z, malignant))
+    prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
+    with pytest.raises(InputError, match="no classifier raises P\\(malignant\\) along the class means"):
+        training.train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=10), prep,
+                              device=torch.device("cpu"), classifier_C=0.01, eval_every=10,
+                              edit_direction="class means")
+    assert not (tmp_path / "bundle").exists() and (tmp_path / "state" / "state.json").is_file()
+
+
 def test_an_export_limited_to_the_per_kind_edit_calibrates_and_tunes_only_that(tmp_path):
     from hideseek.bundle import load_bundle
     from hideseek.preprocessing import Preprocessing
