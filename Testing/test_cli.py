@@ -42,6 +42,16 @@ def test_method_settings_from_the_command_line_reach_the_report(ts, toy_bundle, 
     assert (settings["encode_steps"], settings["decode_steps"]) == (10, 10)
 
 
+def test_no_bf16_overrides_the_presets_bf16_autocast_in_every_command_that_runs_the_model():
+    from hideseek.cli import _setting_overrides, build_parser
+
+    parser = build_parser()
+    for command in (["segment", "--ct", "c", "--vertebrae", "v", "--out", "o"], ["demo"],
+                    ["evaluate", "--manifest", "m", "--out", "o"], ["batch", "cohort.csv", "--out", "o"]):
+        assert "autocast_bf16" not in _setting_overrides(parser.parse_args(command))  # the preset's (fast: bf16)
+        assert _setting_overrides(parser.parse_args([*command, "--no-bf16"])) == {"autocast_bf16": False}
+
+
 def test_json_progress_lines_for_scripts(ts, toy_bundle, tmp_path, capsys):
     assert _segment(*ts, tmp_path / "out", "--progress", "json", "--levels", "L1", model=toy_bundle) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -56,6 +56,8 @@ def test_a_resume_may_change_the_curriculum_and_says_so(tmp_path):
     resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, x0_weight_max=10.0)
     assert resumed.cfg.x0_weight_max == 10.0
     assert resumed.history[-1] == {"step": 20, "resume": "x0_weight_max -> 10.0"}
+    with_bf16 = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, bf16=True)  # a run may switch bf16 too
+    assert with_bf16.cfg.bf16 is True and with_bf16.history[-1] == {"step": 20, "resume": "bf16 -> True"}
 
 
 def test_state_resumes_where_it_stopped(tmp_path):

@@ -65,6 +65,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "published); more is slower and closer to the published result, see BENCHMARKS.md")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="run the network in float32 where bf16 autocast is native (faster there, but results then "
+                   "differ slightly from those of machines without it; see BENCHMARKS.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -72,7 +75,7 @@ def _setting_overrides(args: argparse.Namespace) -> dict:
     """The method settings given on the command line (the rest come from the preset and the model)."""
     given = {"delta_threshold": args.delta_threshold, "body_margin_px": args.body_margin,
              "min_change": args.min_change, "gate_probability": args.gate, "encode_steps": args.ddim_steps,
-             "decode_steps": args.ddim_steps}
+             "decode_steps": args.ddim_steps, "autocast_bf16": False if args.no_bf16 else None}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -252,7 +255,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
-    p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is the default)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="train and export in float32 (default: bf16 autocast where the CPU or GPU runs it natively)")
     p.add_argument("--card", help="JSON file with the model card's prose: summary, intended_use, licence, limitations, "
                    "and data_commands (the command lines that made the training data)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")

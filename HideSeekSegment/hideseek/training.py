@@ -397,8 +397,9 @@ class Trainer:
 
 
 RESUME_OVERRIDES = ("steps", "high_noise_fraction", "x0_weight_max", "lr_decay_from", "lr_final", "label_weight",
-                    "label_dropout", "body_weight")
-"""Settings a resumed run takes from the new command (a curriculum); the rest stays as the run began."""
+                    "label_dropout", "body_weight", "bf16")
+"""Settings a resumed run takes from the new command (a curriculum, or float32 on a machine with native bf16); the
+rest stays as the run began."""
 
 WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE = "weights.safetensors", "ema.safetensors", "optimizer.safetensors"
 """Parts of a training state; a compact copy between sessions keeps only the weights (see save_state)."""
@@ -595,12 +596,13 @@ def measure_edit(
 
 
 def learning_point(model: DiffusionAutoencoder, diffusion: DiffusionConfig, train: SliceSet, val: SliceSet, *,
-                   C: float | None, seed: int) -> dict:
+                   C: float | None, seed: int, bf16: bool = True) -> dict:
     """One learning-curve point: the AUC on ``val`` of a classifier fitted on ``train``'s codes, and its edit on
-    ``val``'s lesions (20/20 DDIM steps, step × 1). Also measures a model on vertebrae it was not trained with."""
+    ``val``'s lesions (20/20 DDIM steps, step × 1; ``bf16``: autocast where native). Also measures a model on
+    vertebrae it was not trained with."""
     clf, info = fit_classifier(model, train, C=C, seed=seed)
     val_auc = roc_auc(val.malignant, clf.probability(encode_latents(model, val.images).double()).numpy())
-    quick = settings_for("fast", encode_steps=20, decode_steps=20)
+    quick = settings_for("fast", encode_steps=20, decode_steps=20, autocast_bf16=bf16)
     return {"val_auc": round(val_auc, 4), "C": info["C"]} | measure_edit(model, diffusion, clf, val, quick)
 
 
@@ -715,7 +717,8 @@ def train_bundle(
         if (t.step % eval_every and not last) or (curve and curve[-1]["step"] == t.step):
             return
         point = {"step": t.step, "elapsed_s": round(t.elapsed_s, 1)}
-        point |= learning_point(t.ema, diffusion, train, val, C=classifier_C, seed=cfg.seed) | {"val_set": val_set}
+        point |= learning_point(t.ema, diffusion, train, val, C=classifier_C, seed=cfg.seed,
+                                bf16=t.cfg.bf16) | {"val_set": val_set}
         curve.append(point)
         (state_dir / "curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
         if keep_snapshots:
@@ -773,7 +776,7 @@ def train_bundle(
             # Each shortlisted edit gets its own candidate tuning; the best F1 (then fewest mimics) wins, ties
             # going to the earlier, more lesion-specific edit.
             phase(f"tuning the candidates of {len(cal.shortlist)} shortlisted edits on {len(mid)} validation slices")
-            fast = settings_for("fast")
+            fast = settings_for("fast", autocast_bf16=trainer.cfg.bf16)
             inverted = HideAndSeek(trainer.ema, diffusion, classifier, fast).invert(mid.images)  # one for all
             clock = None if progress is None else _TuningClock(progress, len(cal.shortlist))
 
