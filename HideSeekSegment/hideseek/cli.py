@@ -66,8 +66,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-bf16", action="store_true",
-                   help="run the network in float32 where bf16 autocast is native (faster there, but results then "
-                   "differ slightly from those of machines without it; see BENCHMARKS.md)")
+                   help="run the network in float32 where the fast preset would use bf16 autocast (native bf16 "
+                   "only: faster, but a few lesions of a cohort differ; see BENCHMARKS.md section 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
