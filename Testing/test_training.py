@@ -510,14 +510,25 @@ def test_an_edit_direction_that_does_not_raise_the_score_is_refused_without_writ
     from hideseek.errors import InputError
     from hideseek.preprocessing import Preprocessing
 
-    reversed_means = training.class_mean_direction  # pointing to healthy: lowers P(malignant) along it
-    monkeypatch.setattr(training, "class_mean_direction", lambda z, malignant: -reversed_means(z, malignant))
+    means = training.class_mean_direction
+    # reversed, the direction points to healthy codes: P(malignant) falls along it
+    monkeypatch.setattr(training, "class_mean_direction", lambda z, malignant: -means(z, malignant))
     prep = Preprocessing(image_size=16, intensity="hu_window", lower=0, upper=1)
     with pytest.raises(InputError, match="no classifier raises P\\(malignant\\) along the class means"):
         training.train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(steps=10), prep,
                               device=torch.device("cpu"), classifier_C=0.01, eval_every=10,
                               edit_direction="class means")
     assert not (tmp_path / "bundle").exists() and (tmp_path / "state" / "state.json").is_file()
+
+
+def test_an_edit_direction_without_calibration_is_a_programming_error(tmp_path):
+    from hideseek.preprocessing import Preprocessing
+    from hideseek.training import train_bundle
+
+    with pytest.raises(ValueError, match="needs calibrate=True"):
+        train_bundle(_toy_slice_set(), tmp_path / "bundle", tmp_path / "state", _cfg(), Preprocessing(image_size=16),
+                     device=torch.device("cpu"), edit_direction="normal", calibrate=False)
+    assert not (tmp_path / "state").exists()
 
 
 def test_an_export_limited_to_the_per_kind_edit_calibrates_and_tunes_only_that(tmp_path):
