@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hideseek.sampler import DiffusionConfig
-from hideseek.training import DEMO_ARCHITECTURE, TrainConfig, Trainer
+from hideseek.training import DEMO_ARCHITECTURE, RESUME_OVERRIDES, TrainConfig, Trainer
 
 TOY_ARCH = {"image_size": 16, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
             "attention_resolutions": [8], "embed_channels": 32, "enc_out_channels": 16,
@@ -56,7 +56,10 @@ def test_a_resume_may_change_the_curriculum_and_says_so(tmp_path):
     resumed = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, x0_weight_max=10.0)
     assert resumed.cfg.x0_weight_max == 10.0
     assert resumed.history[-1] == {"step": 20, "resume": "x0_weight_max -> 10.0"}
-    with_bf16 = Trainer.resume(tmp_path, torch.device("cpu"), steps=40, bf16=True)  # a run may switch bf16 too
+    # A new command may switch bf16 too: train_bundle passes the command's RESUME_OVERRIDES to the resume.
+    command = _cfg(steps=40, bf16=True)
+    with_bf16 = Trainer.resume(tmp_path, torch.device("cpu"),
+                               **{name: getattr(command, name) for name in RESUME_OVERRIDES})
     assert with_bf16.cfg.bf16 is True and with_bf16.history[-1] == {"step": 20, "resume": "bf16 -> True"}
 
 
